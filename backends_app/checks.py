@@ -1,0 +1,96 @@
+"""System checks: a misconfiguration is reported with a clear message, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.core.checks import Error, Warning, register
+
+
+def configured_galleries(value: str | None = None) -> list[tuple[str, str]]:
+    """The galleries named by PORTAL_GALLERIES as (name, url) pairs.
+
+    Two forms: LocalAI's JSON list (`[{"name": "localai", "url": "github:..."}]`) or a comma-separated
+    list of `name=url`. Raises ValueError with a message naming the problem.
+    """
+    text = (settings.PORTAL_GALLERIES if value is None else value).strip()
+    if not text:
+        return []
+    if text.startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"PORTAL_GALLERIES is not valid JSON: {exc}") from exc
+        pairs = []
+        for item in items:
+            if not isinstance(item, dict) or not item.get("name") or not item.get("url"):
+                raise ValueError(f"PORTAL_GALLERIES: each item needs a name and a url, got {item!r}")
+            pairs.append((str(item["name"]), str(item["url"])))
+        return pairs
+    pairs = []
+    for part in text.split(","):
+        name, sep, url = part.strip().partition("=")
+        if not sep or not name.strip() or not url.strip():
+            raise ValueError(f"PORTAL_GALLERIES: {part.strip()!r} is not of the form name=url")
+        pairs.append((name.strip(), url.strip()))
+    return pairs
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+@register()
+def portal_settings_check(app_configs: Any = None, **kwargs: Any) -> list[Error | Warning]:
+    problems: list[Error | Warning] = [
+        Error(f"Invalid setting: {text}", id="portal.E001") for text in settings.INVALID_SETTINGS
+    ]
+    try:
+        configured_galleries()
+    except ValueError as exc:
+        problems.append(Error(str(exc), id="portal.E002"))
+    backends = Path(settings.PORTAL_BACKENDS_PATH)
+    state = Path(settings.PORTAL_STATE_PATH)
+    for label, path in (("PORTAL_BACKENDS_PATH", backends), ("PORTAL_STATE_PATH", state)):
+        anchor = _nearest_existing(path)
+        if path.exists() and not path.is_dir():
+            problems.append(Error(f"{label}={path} exists and is not a directory", id="portal.E003"))
+        elif not os.access(anchor, os.W_OK):
+            problems.append(Error(f"{label}={path} is not writable (checked {anchor})", id="portal.E004"))
+    if state == backends or backends in state.parents:
+        problems.append(
+            Error(
+                f"PORTAL_STATE_PATH={state} is inside the backends directory, where LocalAI would list it "
+                "as a backend",
+                hint="Leave PORTAL_STATE_PATH unset to use a directory beside the backends directory.",
+                id="portal.E005",
+            )
+        )
+    elif _nearest_existing(state).stat().st_dev != _nearest_existing(backends).stat().st_dev:
+        problems.append(
+            Error(
+                f"PORTAL_STATE_PATH={state} is on another filesystem than {backends}; upgrades need "
+                "atomic renames between them",
+                id="portal.E006",
+            )
+        )
+    if len(settings.PORTAL_PLATFORM.split("/")) not in (2, 3):
+        problems.append(
+            Error(f"PORTAL_PLATFORM={settings.PORTAL_PLATFORM!r} is not os/arch[/variant]", id="portal.E007")
+        )
+    engine = settings.DATABASES["default"]["ENGINE"]
+    if not engine.endswith(("sqlite3", "postgresql")):
+        problems.append(
+            Error(
+                f"DATABASE_URL selects {engine}; only SQLite and PostgreSQL are supported", id="portal.E008"
+            )
+        )
+    if settings.REDIS_URL and not settings.REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
+        problems.append(Error(f"REDIS_URL={settings.REDIS_URL!r} is not a redis:// URL", id="portal.E009"))
+    return problems

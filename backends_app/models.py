@@ -1,0 +1,686 @@
+"""The portal's records: galleries and their backends, nodes, installed versions, jobs, settings.
+
+State changes are verbs on these models (`gallery.sync()`, `job.start()`, `backend.pin()`); the admin,
+the API, the commands and the tasks call the same verbs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import IntegrityError, models, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from backends_app import gallery as gallery_index
+
+# A node is online while its heartbeat is younger than this.
+HEARTBEAT_TIMEOUT = dt.timedelta(seconds=90)
+
+
+class OperationRefused(Exception):
+    """An operation that cannot be queued as asked (pinned, nothing to roll back to, ...)."""
+
+
+class Gallery(models.Model):
+    """A LocalAI backend gallery index the portal follows."""
+
+    name = models.SlugField(max_length=100, unique=True)
+    url = models.CharField(
+        max_length=1000, help_text="https://..., file:///path or github:owner/repo/path@branch"
+    )
+    enabled = models.BooleanField(default=True)
+    etag = models.CharField(max_length=500, blank=True, editable=False)
+    last_synced_at = models.DateTimeField(null=True, blank=True, editable=False)
+    last_attempt_at = models.DateTimeField(null=True, blank=True, editable=False)
+    last_error = models.TextField(blank=True, editable=False)
+    entry_count = models.PositiveIntegerField(default=0, editable=False)
+
+    class Meta:
+        verbose_name_plural = "galleries"
+        ordering: ClassVar = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def sync(self, *, force: bool = False) -> SyncResult:
+        """Fetch and store the index. A failure changes no backend and is recorded on the gallery.
+
+        `force` ignores the stored ETag, so the index is fetched and compared again.
+        """
+        now = timezone.now()
+        try:
+            fetched = gallery_index.fetch(
+                self.url, etag="" if force else self.etag, timeout=settings.PORTAL_GALLERY_TIMEOUT
+            )
+            entries = None if fetched.not_modified else gallery_index.parse(fetched.text or "", self.url)
+        except gallery_index.GalleryError as exc:
+            Gallery.objects.filter(pk=self.pk).update(last_attempt_at=now, last_error=str(exc))
+            self.refresh_from_db()
+            return SyncResult(gallery=self.name, error=str(exc))
+        if entries is None:
+            Gallery.objects.filter(pk=self.pk).update(last_attempt_at=now, last_synced_at=now, last_error="")
+            self.refresh_from_db()
+            return SyncResult(gallery=self.name, not_modified=True, total=self.entry_count)
+        with transaction.atomic():
+            result = Backend.objects.store_entries(self, entries)
+            self.etag = fetched.etag
+            self.last_synced_at = self.last_attempt_at = now
+            self.last_error = ""
+            self.entry_count = len(entries)
+            self.save(
+                update_fields=["etag", "last_synced_at", "last_attempt_at", "last_error", "entry_count"]
+            )
+        return result
+
+
+@dataclass
+class SyncResult:
+    """What one gallery sync did, for commands, tasks and messages."""
+
+    gallery: str
+    error: str = ""
+    not_modified: bool = False
+    total: int = 0
+    created: int = 0
+    updated: int = 0
+    gone: int = 0
+    duplicates: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+    def summary(self) -> str:
+        if self.error:
+            return f"{self.gallery}: sync failed: {self.error}"
+        if self.not_modified:
+            return f"{self.gallery}: not modified since the last sync ({self.total} entries)"
+        text = (
+            f"{self.gallery}: {self.total} entries, {self.created} new, {self.updated} changed, "
+            f"{self.gone} gone"
+        )
+        if self.duplicates:
+            text += f"; duplicated names (first wins): {', '.join(sorted(set(self.duplicates)))}"
+        return text
+
+
+class BackendQuerySet(models.QuerySet["Backend"]):
+    def visible(self) -> BackendQuerySet:
+        """Entries that name lookups see: not a later duplicate of a name."""
+        return self.filter(occurrence=0)
+
+    def lookup(self, name: str) -> Backend:
+        """A backend by gallery name, or `gallery@name` where two galleries share one.
+
+        Raises Backend.DoesNotExist, or Backend.MultipleObjectsReturned when the name is ambiguous.
+        """
+        gallery_name, _, backend_name = name.rpartition("@")
+        candidates = self.visible().filter(name=backend_name)
+        if gallery_name:
+            candidates = candidates.filter(gallery__name=gallery_name)
+        found = list(candidates.select_related("gallery")[:2])
+        if not found:
+            raise Backend.DoesNotExist(f"no backend named {name!r} in any gallery")
+        if len(found) > 1:
+            galleries = ", ".join(f"{b.gallery.name}@{b.name}" for b in found)
+            raise Backend.MultipleObjectsReturned(f"{name!r} is in several galleries; say which: {galleries}")
+        return found[0]
+
+
+class BackendManager(models.Manager["Backend"]):
+    def get_queryset(self) -> BackendQuerySet:
+        return BackendQuerySet(self.model, using=self._db)
+
+    def visible(self) -> BackendQuerySet:
+        return self.get_queryset().visible()
+
+    def lookup(self, name: str) -> Backend:
+        return self.get_queryset().lookup(name)
+
+    def store_entries(self, source: Gallery, entries: list[gallery_index.GalleryEntry]) -> SyncResult:
+        """Store a parsed index: create new rows, update changed ones, mark vanished ones gone.
+
+        A name's first occurrence wins (as LocalAI's lookup does); later duplicates are kept as rows
+        with `occurrence` > 0 so the index is stored whole. Rows are compared field by field, so
+        storing the same index twice writes nothing.
+        """
+        result = SyncResult(gallery=source.name, total=len(entries))
+        existing = {(b.name, b.occurrence): b for b in self.filter(gallery=source)}
+        seen: dict[str, int] = {}
+        to_create: list[Backend] = []
+        to_update: list[Backend] = []
+        for entry in entries:
+            occurrence = seen.get(entry.name, 0)
+            seen[entry.name] = occurrence + 1
+            if occurrence:
+                result.duplicates.append(entry.name)
+            values = Backend.values_from_entry(entry)
+            row = existing.pop((entry.name, occurrence), None)
+            if row is None:
+                to_create.append(Backend(gallery=source, name=entry.name, occurrence=occurrence, **values))
+                continue
+            changed = [key for key, value in values.items() if getattr(row, key) != value]
+            if row.gone:
+                changed.append("gone")
+                row.gone = False
+            if changed:
+                for key in changed:
+                    if key != "gone":
+                        setattr(row, key, values[key])
+                to_update.append(row)
+        self.bulk_create(to_create, batch_size=500)
+        if to_update:
+            self.bulk_update(to_update, [*Backend.ENTRY_FIELDS, "gone", "updated_at"], batch_size=500)
+        vanished = [row.pk for row in existing.values() if not row.gone]
+        if vanished:
+            self.filter(pk__in=vanished).update(gone=True, updated_at=timezone.now())
+        result.created, result.updated, result.gone = len(to_create), len(to_update), len(vanished)
+        self._link_meta_backends(source)
+        return result
+
+    def _link_meta_backends(self, source: Gallery) -> None:
+        """Point each meta entry at the concrete entry for the local node's capability."""
+        capability = Node.local().capability
+        rows = list(self.visible().filter(gallery=source))
+        by_name = {row.name: row for row in rows}
+        changed = []
+        for row in rows:
+            target = by_name.get(row.concrete_name_for(capability)) if row.is_meta else None
+            if row.resolves_to_id != (target.pk if target else None):
+                row.resolves_to = target
+                changed.append(row)
+        if changed:
+            self.bulk_update(changed, ["resolves_to"], batch_size=500)
+
+
+class Backend(models.Model):
+    """One entry of a gallery index: a concrete backend (an OCI image) or a meta backend."""
+
+    # Fields that come from the gallery entry itself; a sync rewrites exactly these.
+    ENTRY_FIELDS: ClassVar = [
+        "is_meta",
+        "uri",
+        "mirrors",
+        "version",
+        "alias",
+        "capabilities",
+        "description",
+        "tags",
+        "sha256",
+        "license",
+        "icon",
+        "health_check",
+        "position",
+        "entry",
+    ]
+
+    gallery = models.ForeignKey(Gallery, on_delete=models.PROTECT, related_name="backends")
+    name = models.CharField(max_length=255, db_index=True)
+    occurrence = models.PositiveIntegerField(
+        default=0, help_text="0 for a name's first entry in the index; later duplicates count up."
+    )
+    position = models.PositiveIntegerField(default=0, help_text="Index of the entry in the gallery file.")
+    is_meta = models.BooleanField(default=False)
+    uri = models.CharField(max_length=1000, blank=True)
+    mirrors = models.JSONField(default=list, blank=True)
+    version = models.CharField("declared version", max_length=200, blank=True)
+    alias = models.CharField(max_length=255, blank=True)
+    capabilities = models.JSONField(default=dict, blank=True)
+    description = models.TextField(blank=True)
+    tags = models.JSONField(default=list, blank=True)
+    sha256 = models.CharField(max_length=100, blank=True)
+    license = models.CharField(max_length=200, blank=True)
+    icon = models.CharField(max_length=1000, blank=True)
+    health_check = models.JSONField(default=dict, blank=True)
+    entry = models.JSONField(default=dict, blank=True, help_text="The whole entry as the index gives it.")
+    resolves_to = models.ForeignKey(
+        "self",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="For a meta backend: the concrete entry for the local node's capability.",
+    )
+    gone = models.BooleanField(default=False, help_text="No longer in the gallery index.")
+
+    # Filled by the upgrade check.
+    latest_digest = models.CharField(max_length=100, blank=True)
+    available_version = models.CharField(max_length=200, blank=True)
+    upgrade_available = models.BooleanField(default=False, db_index=True)
+    upgrade_reason = models.CharField(max_length=500, blank=True)
+    last_checked_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+
+    # Operator's decisions.
+    pinned = models.BooleanField(default=False, help_text="Never upgraded automatically.")
+    held_version = models.CharField(max_length=200, blank=True, help_text="A version that failed its check.")
+    held_digest = models.CharField(max_length=100, blank=True, help_text="A digest that failed its check.")
+    held_reason = models.CharField(max_length=500, blank=True)
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = BackendManager()
+
+    class Meta:
+        ordering: ClassVar = ["gallery__name", "name", "occurrence"]
+        constraints: ClassVar = [
+            models.UniqueConstraint(fields=["gallery", "name", "occurrence"], name="backend_unique_entry"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name if not self.occurrence else f"{self.name} (duplicate {self.occurrence})"
+
+    @property
+    def is_development(self) -> bool:
+        return self.name.endswith("-development")
+
+    @property
+    def reference_chain(self) -> list[str]:
+        """The image references to try, in order: the uri, then the mirrors."""
+        return [ref for ref in [self.uri, *self.mirrors] if ref]
+
+    def concrete_name_for(self, capability: str) -> str:
+        """The concrete entry a meta backend resolves to; unknown capabilities take `default` (as LocalAI)."""
+        key = capability if capability in self.capabilities else "default"
+        return self.capabilities.get(key) or ""
+
+    @staticmethod
+    def values_from_entry(entry: gallery_index.GalleryEntry) -> dict[str, Any]:
+        return {
+            "is_meta": entry.is_meta,
+            "uri": entry.uri,
+            "mirrors": list(entry.mirrors),
+            "version": entry.version,
+            "alias": entry.alias,
+            "capabilities": dict(entry.capabilities),
+            "description": entry.description,
+            "tags": list(entry.tags),
+            "sha256": entry.sha256,
+            "license": entry.license,
+            "icon": entry.icon,
+            "health_check": dict(entry.health_check or {}),
+            "position": entry.position,
+            "entry": entry.raw,
+        }
+
+    def pin(self) -> None:
+        self.pinned = True
+        self.save(update_fields=["pinned", "updated_at"])
+
+    def unpin(self) -> None:
+        self.pinned = False
+        self.save(update_fields=["pinned", "updated_at"])
+
+    def hold(self, *, version: str, digest: str, reason: str) -> None:
+        """Mark a target as bad so automatic upgrades skip it until something newer appears."""
+        self.held_version, self.held_digest, self.held_reason = version, digest, reason
+        self.save(update_fields=["held_version", "held_digest", "held_reason", "updated_at"])
+
+    def release_hold(self) -> None:
+        self.hold(version="", digest="", reason="")
+
+    def request(
+        self, kind: str, *, node: Node | None = None, requested_by: str = "", force: bool = False
+    ) -> tuple[UpgradeJob, bool]:
+        """Queue an install, upgrade, rollback or uninstall of this backend on a node (default: local).
+
+        Returns (job, created): when an operation on this backend and node is already queued or
+        running, that job comes back and nothing new is queued. Raises OperationRefused when the
+        operation cannot be done as asked.
+        """
+        node = node or Node.local()
+        current = self.installed.filter(node=node, state=InstalledVersion.State.CURRENT).first()
+        if self.gone and kind in (JobKind.INSTALL, JobKind.UPGRADE):
+            raise OperationRefused(f"{self.name} is no longer in gallery {self.gallery_id}")
+        if self.occurrence:
+            raise OperationRefused(f"{self.name} is a later duplicate in its gallery; the first entry wins")
+        if kind == JobKind.UPGRADE and self.pinned and not force:
+            raise OperationRefused(f"{self.name} is pinned; unpin it or force the upgrade")
+        if kind in (JobKind.UPGRADE, JobKind.ROLLBACK, JobKind.UNINSTALL) and current is None:
+            raise OperationRefused(f"{self.name} is not installed on {node.name}")
+        if (
+            kind == JobKind.ROLLBACK
+            and not self.installed.filter(node=node, state=InstalledVersion.State.KEPT).exists()
+        ):
+            raise OperationRefused(f"{self.name} has no kept version on {node.name} to roll back to")
+        job, created = UpgradeJob.request(
+            kind,
+            backend=self,
+            node=node,
+            requested_by=requested_by,
+            force=force,
+            from_version=current.version if current else "",
+            from_digest=current.digest if current else "",
+        )
+        if created:
+            job.enqueue()
+        return job, created
+
+
+class Node(models.Model):
+    """A machine holding a backends directory. In standalone mode the one local node is made on use."""
+
+    name = models.CharField(max_length=200, unique=True)
+    capability = models.CharField(max_length=100, default="default")
+    platform = models.CharField(max_length=100, default="linux/amd64", help_text="os/arch[/variant]")
+    backends_path = models.CharField(max_length=1000)
+    state_path = models.CharField(max_length=1000, blank=True)
+    is_local = models.BooleanField(default=False, help_text="The node this portal process manages.")
+    last_heartbeat_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering: ClassVar = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def online(self) -> bool:
+        return bool(self.last_heartbeat_at and timezone.now() - self.last_heartbeat_at < HEARTBEAT_TIMEOUT)
+
+    @classmethod
+    def local(cls) -> Node:
+        """The node this process manages, created or brought up to date from the settings."""
+        wanted = {
+            "capability": gallery_index.detect_capability(settings.PORTAL_CAPABILITY),
+            "platform": settings.PORTAL_PLATFORM,
+            "backends_path": str(settings.PORTAL_BACKENDS_PATH),
+            "state_path": str(settings.PORTAL_STATE_PATH),
+            "is_local": True,
+        }
+        node, created = cls.objects.get_or_create(name=settings.PORTAL_NODE_NAME, defaults=wanted)
+        if not created and any(getattr(node, key) != value for key, value in wanted.items()):
+            for key, value in wanted.items():
+                setattr(node, key, value)
+            node.save(update_fields=list(wanted))
+        return node
+
+    def heartbeat(self) -> None:
+        self.last_heartbeat_at = timezone.now()
+        self.save(update_fields=["last_heartbeat_at"])
+
+
+class InstalledVersion(models.Model):
+    """A backend version present on a node: the current one, or one kept for rollback."""
+
+    class State(models.TextChoices):
+        CURRENT = "current", "current"
+        KEPT = "kept", "kept for rollback"
+
+    class Origin(models.TextChoices):
+        GALLERY = "gallery", "installed from a gallery"
+        ADOPTED = "adopted", "found on disk"
+        ROLLBACK = "rollback", "restored by a rollback"
+
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="installed")
+    backend = models.ForeignKey(
+        Backend, null=True, blank=True, on_delete=models.SET_NULL, related_name="installed"
+    )
+    name = models.CharField(max_length=255, help_text="Directory name under the backends path.")
+    state = models.CharField(max_length=10, choices=State.choices, default=State.CURRENT)
+    origin = models.CharField(max_length=10, choices=Origin.choices, default=Origin.GALLERY)
+    is_meta = models.BooleanField(default=False)
+    meta_backend_for = models.CharField(max_length=255, blank=True)
+    alias = models.CharField(max_length=255, blank=True)
+    gallery_url = models.CharField(max_length=1000, blank=True)
+    version = models.CharField(max_length=200, blank=True)
+    uri = models.CharField(max_length=1000, blank=True)
+    digest = models.CharField(max_length=100, blank=True)
+    installed_at = models.DateTimeField(null=True, blank=True)
+    path = models.CharField(max_length=1000)
+    problem = models.CharField(max_length=500, blank=True, help_text="What is wrong on disk, if anything.")
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering: ClassVar = ["node__name", "name", "state", "-installed_at"]
+        constraints: ClassVar = [
+            models.UniqueConstraint(
+                fields=["node", "name"], condition=Q(state="current"), name="one_current_version_per_node"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.version or self.digest[:19] or '?'} on {self.node_id}"
+
+    @property
+    def short_digest(self) -> str:
+        return self.digest.removeprefix("sha256:")[:12]
+
+
+class PortalSettings(models.Model):
+    """The operator's runtime settings: one row, edited in the admin, the settings page or the API."""
+
+    SINGLETON_PK = 1
+
+    auto_upgrade_backends = models.BooleanField(
+        default=False, help_text="Upgrade flagged backends automatically after each scheduled check."
+    )
+    check_interval_minutes = models.PositiveIntegerField(
+        default=360, validators=[MinValueValidator(5), MaxValueValidator(60 * 24 * 31)]
+    )
+    maintenance_window_start = models.TimeField(
+        null=True, blank=True, help_text="Automatic upgrades only start inside the window (server time)."
+    )
+    maintenance_window_end = models.TimeField(null=True, blank=True)
+    versions_kept = models.PositiveSmallIntegerField(
+        default=1, validators=[MaxValueValidator(10)], help_text="Previous versions kept for rollback."
+    )
+    health_check_command = models.CharField(
+        max_length=1000, blank=True, help_text="Run after each install; {path} is the backend directory."
+    )
+    health_check_timeout = models.PositiveIntegerField(default=30, validators=[MinValueValidator(1)])
+    last_check_at = models.DateTimeField(null=True, blank=True, editable=False)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = verbose_name_plural = "portal settings"
+
+    def __str__(self) -> str:
+        return "Portal settings"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        self.pk = self.SINGLETON_PK
+        super().save(*args, **kwargs)
+
+    @classmethod
+    def load(cls) -> PortalSettings:
+        """The one settings row; its first value of auto-upgrade comes from the environment."""
+        row, _ = cls.objects.get_or_create(
+            pk=cls.SINGLETON_PK, defaults={"auto_upgrade_backends": settings.PORTAL_AUTO_UPGRADE_INITIAL}
+        )
+        return row
+
+    @property
+    def check_interval(self) -> dt.timedelta:
+        return dt.timedelta(minutes=self.check_interval_minutes)
+
+    def in_maintenance_window(self, moment: dt.datetime | None = None) -> bool:
+        """True when no window is set, or `moment` (default now, local time) falls inside it."""
+        start, end = self.maintenance_window_start, self.maintenance_window_end
+        if start is None or end is None:
+            return True
+        now = timezone.localtime(moment).time()
+        return start <= now < end if start <= end else now >= start or now < end
+
+
+class JobKind(models.TextChoices):
+    INSTALL = "install"
+    UPGRADE = "upgrade"
+    ROLLBACK = "rollback"
+    UNINSTALL = "uninstall"
+    CHECK = "check"
+
+
+class JobStatus(models.TextChoices):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled_back", "rolled back"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+    PARTIAL = "partial", "partly failed"
+
+    ACTIVE: ClassVar[tuple[str, ...]]
+    FINISHED: ClassVar[tuple[str, ...]]
+
+
+JobStatus.ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
+JobStatus.FINISHED = tuple(s for s in JobStatus.values if s not in JobStatus.ACTIVE)
+
+
+class JobPhase(models.TextChoices):
+    QUEUED = "queued"
+    RESOLVING = "resolving"
+    DOWNLOADING = "downloading"
+    SWAPPING = "swapping"
+    HEALTH_CHECK = "health_check", "health check"
+    CLEANUP = "cleanup"
+    DONE = "done"
+
+
+class UpgradeJob(models.Model):
+    """One operation on one backend on one node (or a check, or a fan-out parent): the record of truth.
+
+    At most one active job exists per backend and node; the database enforces it.
+    """
+
+    kind = models.CharField(max_length=10, choices=JobKind.choices)
+    status = models.CharField(
+        max_length=12, choices=JobStatus.choices, default=JobStatus.QUEUED, db_index=True
+    )
+    phase = models.CharField(max_length=20, choices=JobPhase.choices, default=JobPhase.QUEUED)
+    backend = models.ForeignKey(
+        Backend, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs"
+    )
+    node = models.ForeignKey(Node, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs")
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.CASCADE, related_name="children"
+    )
+    force = models.BooleanField(default=False)
+    cancel_requested = models.BooleanField(default=False)
+    bytes_done = models.BigIntegerField(default=0)
+    bytes_total = models.BigIntegerField(default=0)
+    percent = models.FloatField(default=0)
+    message = models.TextField(blank=True)
+    error = models.TextField(blank=True)
+    requested_by = models.CharField(max_length=200, blank=True, help_text="Who or what asked for it.")
+    from_version = models.CharField(max_length=200, blank=True)
+    from_digest = models.CharField(max_length=100, blank=True)
+    to_version = models.CharField(max_length=200, blank=True)
+    to_digest = models.CharField(max_length=100, blank=True)
+    source = models.CharField(max_length=1000, blank=True, help_text="The image reference actually used.")
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering: ClassVar = ["-created_at", "-id"]
+        constraints: ClassVar = [
+            models.UniqueConstraint(
+                fields=["backend", "node"],
+                condition=Q(status__in=["queued", "running"]),
+                name="one_active_job_per_backend_node",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        target = self.backend.name if self.backend_id and self.backend else "all backends"
+        return f"#{self.pk} {self.kind} {target}"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in JobStatus.ACTIVE
+
+    @property
+    def duration(self) -> dt.timedelta | None:
+        if not self.started_at:
+            return None
+        return (self.finished_at or timezone.now()) - self.started_at
+
+    @classmethod
+    def request(
+        cls,
+        kind: str,
+        *,
+        backend: Backend | None = None,
+        node: Node | None = None,
+        requested_by: str = "",
+        **fields: Any,
+    ) -> tuple[UpgradeJob, bool]:
+        """Create a queued job, or return the active one for the same backend and node.
+
+        Returns (job, created). The database's unique constraint decides between concurrent
+        requests, so every replica and process agrees.
+        """
+        try:
+            with transaction.atomic():
+                job = cls.objects.create(
+                    kind=kind, backend=backend, node=node, requested_by=requested_by, **fields
+                )
+            return job, True
+        except IntegrityError:
+            active = cls.objects.filter(backend=backend, node=node, status__in=JobStatus.ACTIVE).first()
+            if active is None:  # finished between our insert and this read: try once more
+                return cls.request(kind, backend=backend, node=node, requested_by=requested_by, **fields)
+            return active, False
+
+    def enqueue(self) -> None:
+        """Hand the job to the workers once the transaction that made it commits (ids, not objects)."""
+        from django_q.tasks import async_task
+
+        job_id = self.pk
+        transaction.on_commit(
+            lambda: async_task("backends_app.tasks.run_job", job_id, task_name=f"job-{job_id}")
+        )
+
+    def _update(self, **fields: Any) -> None:
+        for key, value in fields.items():
+            setattr(self, key, value)
+        UpgradeJob.objects.filter(pk=self.pk).update(**fields)
+
+    def start(self) -> bool:
+        """Move a queued job to running; False when it is no longer queued (cancelled meanwhile)."""
+        now = timezone.now()
+        started = UpgradeJob.objects.filter(pk=self.pk, status=JobStatus.QUEUED).update(
+            status=JobStatus.RUNNING, started_at=now
+        )
+        self.refresh_from_db()
+        return bool(started)
+
+    def set_phase(self, phase: str, message: str = "") -> None:
+        self._update(phase=phase, message=message or self.message)
+
+    def set_progress(self, done: int, total: int, message: str = "") -> None:
+        percent = round(100.0 * done / total, 1) if total else 0.0
+        self._update(bytes_done=done, bytes_total=total, percent=percent, message=message or self.message)
+
+    def finish(self, message: str = "", status: str = JobStatus.SUCCEEDED) -> None:
+        self._update(
+            status=status,
+            phase=JobPhase.DONE,
+            message=message or self.message,
+            finished_at=timezone.now(),
+            percent=100.0 if status == JobStatus.SUCCEEDED else self.percent,
+        )
+
+    def fail(self, error: str, status: str = JobStatus.FAILED) -> None:
+        self._update(status=status, error=error, finished_at=timezone.now())
+
+    def cancel(self, by: str = "") -> bool:
+        """Cancel a queued job now; a running one is asked to stop at its next safe point."""
+        note = f"cancelled by {by}" if by else "cancelled"
+        cancelled = UpgradeJob.objects.filter(pk=self.pk, status=JobStatus.QUEUED).update(
+            status=JobStatus.CANCELLED, message=note, finished_at=timezone.now()
+        )
+        if not cancelled:
+            UpgradeJob.objects.filter(pk=self.pk, status=JobStatus.RUNNING).update(cancel_requested=True)
+        self.refresh_from_db()
+        return bool(cancelled) or self.cancel_requested

@@ -1,0 +1,220 @@
+"""Settings for Backend Portal, driven by environment variables.
+
+Every knob is documented in docs/configuration.md. Defaults give the embedded shape: SQLite, the
+django-q2 ORM broker and a backends directory under the data folder.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import secrets
+import socket
+from pathlib import Path
+
+import dj_database_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_str(name: str, default: str = "") -> str:
+    return os.environ.get(name, default).strip()
+
+
+def env_bool(name: str, default: bool = False) -> bool:
+    value = os.environ.get(name)
+    if value is None or value.strip() == "":
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def env_int(name: str, default: int) -> int:
+    """An integer setting; a malformed value keeps the default and is reported by a system check."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        INVALID_SETTINGS.append(f"{name}={value!r} is not a whole number")
+        return default
+
+
+def env_list(name: str, default: str = "") -> list[str]:
+    return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
+
+
+# Misconfigurations found while reading the environment; backends_app.checks reports them.
+INVALID_SETTINGS: list[str] = []
+
+DATA_DIR = Path(env_str("PORTAL_DATA_DIR", str(BASE_DIR / "data"))).resolve()
+DATA_DIR.mkdir(parents=True, exist_ok=True)
+
+
+def _secret_key() -> str:
+    """The secret key: from the environment, else one generated once and kept in the data folder."""
+    key = env_str("PORTAL_SECRET_KEY") or env_str("SECRET_KEY")
+    if key:
+        return key
+    key_file = DATA_DIR / "secret_key"
+    if not key_file.exists():
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(50))
+    return key_file.read_text().strip()
+
+
+SECRET_KEY = _secret_key()
+DEBUG = env_bool("PORTAL_DEBUG", False)
+ALLOWED_HOSTS = env_list("PORTAL_ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]")
+CSRF_TRUSTED_ORIGINS = env_list("PORTAL_CSRF_TRUSTED_ORIGINS")
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "django_q",
+    "channels",
+    "backends_app",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "portal.urls"
+ASGI_APPLICATION = "portal.asgi.application"
+WSGI_APPLICATION = "portal.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {
+    "default": dj_database_url.parse(
+        env_str("DATABASE_URL") or f"sqlite:///{DATA_DIR / 'portal.sqlite3'}",
+        conn_max_age=env_int("PORTAL_DB_CONN_MAX_AGE", 0),
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # The web server and the worker are separate processes sharing one file: wait for the write
+    # lock instead of failing, and start write transactions eagerly so they queue in order.
+    DATABASES["default"]["OPTIONS"] = {
+        "timeout": 30,
+        "transaction_mode": "IMMEDIATE",
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = env_str("PORTAL_TIME_ZONE", "UTC")
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = DATA_DIR / "static"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+WHITENOISE_USE_FINDERS = True
+
+LOGIN_URL = "admin:login"
+
+# --- Channels -------------------------------------------------------------------------------
+REDIS_URL = env_str("REDIS_URL")
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+# --- django-q2 ------------------------------------------------------------------------------
+Q_CLUSTER = {
+    "name": env_str("PORTAL_Q_CLUSTER", "portal"),
+    "workers": env_int("PORTAL_WORKERS", 2),
+    "timeout": env_int("PORTAL_TASK_TIMEOUT", 3600),
+    "retry": env_int("PORTAL_TASK_TIMEOUT", 3600) + 60,
+    "max_attempts": 1,
+    "orm": "default",
+    "catch_up": False,
+    "ack_failures": True,
+    "poll": 0.5,
+    "label": "Tasks",
+}
+
+# --- REST framework -------------------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.SessionAuthentication",
+        "rest_framework.authentication.TokenAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
+    "PAGE_SIZE": 100,
+}
+
+# --- The portal's own knobs ------------------------------------------------------------------
+DEFAULT_GALLERIES = "localai=github:mudler/LocalAI/backend/index.yaml@master"
+PORTAL_GALLERIES = env_str("PORTAL_GALLERIES", DEFAULT_GALLERIES)
+PORTAL_BACKENDS_PATH = Path(env_str("PORTAL_BACKENDS_PATH", str(DATA_DIR / "backends"))).resolve()
+# Staging, journal and kept versions: beside the backends directory (same filesystem, so renames are
+# atomic) but outside it, where LocalAI does not list them as backends.
+PORTAL_STATE_PATH = Path(
+    env_str("PORTAL_STATE_PATH", str(PORTAL_BACKENDS_PATH.parent / f".{PORTAL_BACKENDS_PATH.name}-portal"))
+).resolve()
+PORTAL_NODE_NAME = env_str("PORTAL_NODE_NAME", socket.gethostname() or "local")
+PORTAL_CAPABILITY = env_str("PORTAL_CAPABILITY") or env_str("LOCALAI_FORCE_META_BACKEND_CAPABILITY")
+_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(
+    platform.machine().lower(), platform.machine().lower()
+)
+PORTAL_PLATFORM = env_str("PORTAL_PLATFORM", f"{platform.system().lower()}/{_ARCH}")
+PORTAL_AUTO_UPGRADE_INITIAL = env_bool(
+    "PORTAL_AUTO_UPGRADE", env_bool("LOCALAI_AUTO_UPGRADE_BACKENDS", False)
+)
+PORTAL_INSECURE_REGISTRIES = env_list("PORTAL_INSECURE_REGISTRIES")
+PORTAL_REGISTRY_TIMEOUT = env_int("PORTAL_REGISTRY_TIMEOUT", 30)
+PORTAL_REGISTRY_RETRIES = env_int("PORTAL_REGISTRY_RETRIES", 3)
+PORTAL_REGISTRY_CONCURRENCY = env_int("PORTAL_REGISTRY_CONCURRENCY", 8)
+PORTAL_REGISTRY_AUTH_FILE = env_str("PORTAL_REGISTRY_AUTH_FILE", os.path.expanduser("~/.docker/config.json"))
+PORTAL_GALLERY_TIMEOUT = env_int("PORTAL_GALLERY_TIMEOUT", 30)
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("PORTAL_LOG_LEVEL", "INFO")},
+    "loggers": {"django.db.backends": {"level": "WARNING"}},
+}

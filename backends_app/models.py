@@ -114,6 +114,16 @@ class BackendQuerySet(models.QuerySet["Backend"]):
         """Entries that name lookups see: not a later duplicate of a name."""
         return self.filter(occurrence=0)
 
+    def installed_on(self, node: Node | None = None) -> BackendQuerySet:
+        current = InstalledVersion.State.CURRENT
+        if node is None:
+            return self.filter(installed__state=current).distinct()
+        return self.filter(installed__state=current, installed__node=node).distinct()
+
+    def upgradable(self) -> BackendQuerySet:
+        """Flagged by the last check, not pinned, not held: what auto-upgrade and "apply" take."""
+        return self.visible().filter(upgrade_available=True, pinned=False)
+
     def lookup(self, name: str) -> Backend:
         """A backend by gallery name, or `gallery@name` where two galleries share one.
 
@@ -269,6 +279,9 @@ class Backend(models.Model):
 
     class Meta:
         ordering: ClassVar = ["gallery__name", "name", "occurrence"]
+        permissions: ClassVar = [
+            ("operate_backend", "Can install, upgrade, roll back, uninstall, pin and check backends"),
+        ]
         constraints: ClassVar = [
             models.UniqueConstraint(fields=["gallery", "name", "occurrence"], name="backend_unique_entry"),
         ]
@@ -326,13 +339,20 @@ class Backend(models.Model):
         self.hold(version="", digest="", reason="")
 
     def request(
-        self, kind: str, *, node: Node | None = None, requested_by: str = "", force: bool = False
+        self,
+        kind: str,
+        *,
+        node: Node | None = None,
+        requested_by: str = "",
+        force: bool = False,
+        queue: bool = True,
     ) -> tuple[UpgradeJob, bool]:
-        """Queue an install, upgrade, rollback or uninstall of this backend on a node (default: local).
+        """Ask for an install, upgrade, rollback or uninstall of this backend on a node (default: local).
 
         Returns (job, created): when an operation on this backend and node is already queued or
-        running, that job comes back and nothing new is queued. Raises OperationRefused when the
-        operation cannot be done as asked.
+        running, that job comes back and nothing new is made. A new job goes to the workers unless
+        `queue` is False (the caller then runs it, as the commands do). Raises OperationRefused when
+        the operation cannot be done as asked.
         """
         node = node or Node.local()
         current = self.installed.filter(node=node, state=InstalledVersion.State.CURRENT).first()
@@ -358,7 +378,7 @@ class Backend(models.Model):
             from_version=current.version if current else "",
             from_digest=current.digest if current else "",
         )
-        if created:
+        if created and queue:
             job.enqueue()
         return job, created
 
@@ -604,6 +624,16 @@ class UpgradeJob(models.Model):
         if not self.started_at:
             return None
         return (self.finished_at or timezone.now()) - self.started_at
+
+    @classmethod
+    def request_check(cls, requested_by: str = "") -> tuple[UpgradeJob, bool]:
+        """Queue an upgrade check of every installed backend, or return the one already active."""
+        active = cls.objects.filter(kind=JobKind.CHECK, status__in=JobStatus.ACTIVE).first()
+        if active:
+            return active, False
+        job = cls.objects.create(kind=JobKind.CHECK, requested_by=requested_by)
+        job.enqueue()
+        return job, True
 
     @classmethod
     def request(

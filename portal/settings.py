@@ -79,6 +79,8 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "rest_framework.authtoken",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "django_q",
     "channels",
     "backends_app",
@@ -128,6 +130,8 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "transaction_mode": "IMMEDIATE",
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
     }
+    # A file, not memory, so the processes a test starts (workers, commands) share its database.
+    DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test-portal.sqlite3")}
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -175,14 +179,46 @@ Q_CLUSTER = {
 }
 
 # --- REST framework -------------------------------------------------------------------------
+# Token first: an anonymous request then gets 401 with `WWW-Authenticate: Token` rather than 403.
+# Bearer accepts the same tokens in the header LocalAI clients send (`Authorization: Bearer <key>`).
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.SessionAuthentication",
         "rest_framework.authentication.TokenAuthentication",
+        "backends_app.api.authentication.BearerTokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
+    "DEFAULT_PERMISSION_CLASSES": ["backends_app.api.permissions.PortalPermission"],
+    "DEFAULT_PAGINATION_CLASS": "backends_app.api.pagination.PortalPagination",
     "PAGE_SIZE": 100,
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "backends_app.api.errors.exception_handler",
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Backend Portal API",
+    "DESCRIPTION": (
+        "Track, check, upgrade and roll back LocalAI backends. Endpoints under /api/ follow REST "
+        "conventions; the /backends/... routes answer with LocalAI's own paths and JSON shapes. "
+        "See docs/api.md."
+    ),
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    "SERVE_AUTHENTICATION": [],
+    # Served from the sidecar package through our own static files: the docs page works offline.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "JobKindEnum": "backends_app.models.JobKind",
+        "JobStatusEnum": "backends_app.models.JobStatus",
+        "JobPhaseEnum": "backends_app.models.JobPhase",
+    },
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "backends_app.api.schema.document_auth_errors",
+    ],
 }
 
 # --- The portal's own knobs ------------------------------------------------------------------

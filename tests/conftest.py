@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 from django.conf import settings
 
+pytest_plugins = ["tests.registry"]
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures"
 LOCALAI_INDEX = FIXTURES / "localai-index.yaml"
@@ -68,3 +70,41 @@ def portal_paths(tmp_path: Path, settings: Any) -> Path:
     settings.PORTAL_CAPABILITY = "default"
     settings.PORTAL_NODE_NAME = "test-node"
     return tmp_path
+
+
+@pytest.fixture
+def gallery_factory(tmp_path: Path) -> Any:
+    """Make and sync a gallery from entries: `gallery_factory([{"name": ..., "uri": ...}, ...])`."""
+    import yaml
+
+    from backends_app.models import Gallery
+
+    def make(entries: list[dict[str, Any]], name: str = "test") -> Gallery:
+        path = tmp_path / f"gallery-{name}.yaml"
+        path.write_text(yaml.safe_dump(entries, sort_keys=False))
+        gallery, _ = Gallery.objects.update_or_create(name=name, defaults={"url": path.as_uri()})
+        result = gallery.sync(force=True)
+        assert result.ok, result.error
+        return gallery
+
+    return make
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a `manage.py` child process that shares this test's database and paths."""
+    db = settings.DATABASES["default"]
+    if db["ENGINE"].endswith("postgresql"):
+        url = (
+            f"postgres://{db['USER'] or 'root'}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+        )
+    else:
+        url = f"sqlite:///{db['NAME']}"
+    return {
+        **os.environ,
+        "DATABASE_URL": url,
+        "PORTAL_BACKENDS_PATH": str(settings.PORTAL_BACKENDS_PATH),
+        "PORTAL_STATE_PATH": str(settings.PORTAL_STATE_PATH),
+        "PORTAL_NODE_NAME": settings.PORTAL_NODE_NAME,
+        "PORTAL_CAPABILITY": settings.PORTAL_CAPABILITY,
+        **extra,
+    }

@@ -1,0 +1,386 @@
+"""`manage.py backends ...`: list, install, upgrade, roll back, uninstall, pin, scan, reconcile, publish.
+
+The work runs in this process, in the foreground, as an UpgradeJob like any other (`--queue` hands it
+to the workers instead). A terminal gets a progress bar; anything else gets plain progress lines.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from tqdm import tqdm
+
+from backends_app import oci, procedure
+from backends_app.models import (
+    Backend,
+    InstalledVersion,
+    JobKind,
+    JobStatus,
+    Node,
+    OperationRefused,
+    UpgradeJob,
+)
+
+OPERATIONS = {
+    "install": JobKind.INSTALL,
+    "upgrade": JobKind.UPGRADE,
+    "rollback": JobKind.ROLLBACK,
+    "uninstall": JobKind.UNINSTALL,
+}
+
+
+def backend_row(backend: Backend, installed: InstalledVersion | None) -> dict[str, Any]:
+    """One backend as `list --json`, `upgrade --json` and `check --json` print it."""
+    return {
+        "name": backend.name,
+        "gallery": backend.gallery.name,
+        "node": installed.node.name if installed else None,
+        "installed_version": installed.version if installed else None,
+        "installed_digest": installed.digest if installed else None,
+        "installed_at": installed.installed_at.isoformat() if installed and installed.installed_at else None,
+        "available_version": backend.available_version or backend.version or None,
+        "available_digest": backend.latest_digest or None,
+        "upgrade_available": backend.upgrade_available,
+        "reason": backend.upgrade_reason,
+        "pinned": backend.pinned,
+        "held": bool(backend.held_version or backend.held_digest),
+        "problem": installed.problem if installed else "",
+    }
+
+
+class Command(BaseCommand):
+    help = "Manage installed backends: list, install, upgrade, rollback, uninstall, pin, scan, reconcile."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        verbs = parser.add_subparsers(dest="verb", required=True)
+        listing = verbs.add_parser("list", help="Installed backends with their versions.")
+        listing.add_argument("--json", action="store_true", help="Print a JSON list.")
+        listing.add_argument("--all", action="store_true", help="Include gallery backends not installed.")
+        for verb in ("install", "rollback", "uninstall"):
+            sub = verbs.add_parser(verb, help=f"{verb.capitalize()} a backend.")
+            sub.add_argument("names", nargs="+", metavar="NAME", help="gallery name, or gallery@name")
+            sub.add_argument("--queue", action="store_true", help="Hand the work to the workers.")
+        upgrade = verbs.add_parser("upgrade", help="Upgrade backends.")
+        upgrade.add_argument("names", nargs="*", metavar="NAME")
+        upgrade.add_argument("--all", action="store_true", help="Every backend flagged by a check.")
+        upgrade.add_argument("--dry-run", action="store_true", help="Say what would be upgraded, do nothing.")
+        upgrade.add_argument("--json", action="store_true", help="Print the outcome as JSON.")
+        upgrade.add_argument("--force", action="store_true", help="Upgrade pinned backends too.")
+        upgrade.add_argument("--queue", action="store_true", help="Hand the work to the workers.")
+        for verb in ("pin", "unpin"):
+            sub = verbs.add_parser(verb, help=f"{verb.capitalize()} a backend.")
+            sub.add_argument("names", nargs="+", metavar="NAME")
+        verbs.add_parser("scan", help="Record what the backends directory holds (adopt LocalAI's).")
+        verbs.add_parser("reconcile", help="Recover interrupted operations; make records match the disk.")
+        check = verbs.add_parser("check", help="Check every installed backend for upgrades now.")
+        check.add_argument("--json", action="store_true")
+        publish = verbs.add_parser("publish", help="Push a backend directory as an OCI image.")
+        publish.add_argument("directory")
+        publish.add_argument("reference", help="registry/repository:tag")
+        publish.add_argument("--version", dest="image_version", default=None)
+        publish.add_argument(
+            "--platform", action="append", default=None, help="os/arch; repeat for a multi-platform index"
+        )
+
+    def handle(self, *args: Any, verb: str, **options: Any) -> None:
+        self.requested_by = f"cli:{getpass.getuser()}"
+        getattr(self, f"handle_{verb}")(**options)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def handle_list(self, json: bool = False, all: bool = False, **options: Any) -> None:
+        rows = self.rows(include_all=all)
+        if json:
+            self.stdout.write(_json(rows))
+            return
+        if not rows:
+            self.stdout.write("no backends installed (`backends install NAME` installs one)")
+            return
+        header = ("NAME", "NODE", "VERSION", "DIGEST", "INSTALLED AT", "UPGRADE", "PINNED")
+        lines = [header]
+        for row in rows:
+            digest = (row["installed_digest"] or "").removeprefix("sha256:")[:12]
+            upgrade = f"yes: {row['reason']}" if row["upgrade_available"] else (row["reason"] or "-")
+            lines.append(
+                (
+                    row["name"],
+                    row["node"] or "-",
+                    row["installed_version"] or "-",
+                    digest or "-",
+                    (row["installed_at"] or "-")[:19],
+                    upgrade,
+                    "pinned" if row["pinned"] else "",
+                )
+            )
+            if row["problem"]:
+                lines.append(("", "", "", "", "", f"problem: {row['problem']}", ""))
+        widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+        for line in lines:
+            self.stdout.write(
+                "  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+            )
+
+    def rows(self, include_all: bool = False) -> list[dict[str, Any]]:
+        installed = (
+            InstalledVersion.objects.filter(state=InstalledVersion.State.CURRENT)
+            .select_related("backend__gallery", "node")
+            .order_by("name", "node__name")
+        )
+        rows = []
+        for row in installed:
+            if row.backend is None:  # adopted directory that no gallery lists
+                rows.append(
+                    {
+                        "name": row.name,
+                        "gallery": None,
+                        "node": row.node.name,
+                        "installed_version": row.version,
+                        "installed_digest": row.digest,
+                        "installed_at": row.installed_at.isoformat() if row.installed_at else None,
+                        "available_version": None,
+                        "available_digest": None,
+                        "upgrade_available": False,
+                        "reason": "not in any gallery",
+                        "pinned": False,
+                        "held": False,
+                        "problem": row.problem,
+                    }
+                )
+            else:
+                rows.append(backend_row(row.backend, row))
+        if include_all:
+            listed = {row["name"] for row in rows}
+            for backend in Backend.objects.visible().select_related("gallery").exclude(name__in=listed):
+                rows.append(backend_row(backend, None))
+        return rows
+
+    # -- operations ----------------------------------------------------------------------------
+
+    def handle_install(self, names: list[str], queue: bool = False, **options: Any) -> None:
+        self.operate(JobKind.INSTALL, names, queue=queue)
+
+    def handle_rollback(self, names: list[str], queue: bool = False, **options: Any) -> None:
+        self.operate(JobKind.ROLLBACK, names, queue=queue)
+
+    def handle_uninstall(self, names: list[str], queue: bool = False, **options: Any) -> None:
+        self.operate(JobKind.UNINSTALL, names, queue=queue)
+
+    def handle_upgrade(
+        self,
+        names: list[str],
+        all: bool = False,
+        dry_run: bool = False,
+        json: bool = False,
+        force: bool = False,
+        queue: bool = False,
+        **options: Any,
+    ) -> None:
+        if bool(names) == bool(all):
+            raise CommandError("name the backends to upgrade, or pass --all (not both)")
+        if all:
+            node = Node.local()
+            backends = list(Backend.objects.upgradable().installed_on(node).select_related("gallery"))
+            if not force:
+                backends = [b for b in backends if not (b.held_digest or b.held_version)]
+        else:
+            backends = [self.lookup(name) for name in names]
+        if dry_run:
+            rows = [
+                backend_row(b, b.installed.filter(state=InstalledVersion.State.CURRENT).first())
+                for b in backends
+            ]
+            if json:
+                self.stdout.write(_json(rows))
+            elif not rows:
+                self.stdout.write("nothing to upgrade")
+            else:
+                for row in rows:
+                    target = row["available_version"] or (row["available_digest"] or "")[:19] or "latest"
+                    self.stdout.write(
+                        f"would upgrade {row['name']}: {row['installed_version'] or '-'} -> {target}"
+                    )
+            return
+        jobs = self.operate(JobKind.UPGRADE, [b for b in backends], queue=queue, force=force, quiet=json)
+        if json:
+            self.stdout.write(_json([_job_json(job) for job in jobs]))
+
+    def operate(
+        self, kind: str, targets: list[Any], *, queue: bool, force: bool = False, quiet: bool = False
+    ) -> list[UpgradeJob]:
+        """Run one operation per target, in order; exit non-zero when any failed."""
+        node = Node.local()
+        jobs, failures = [], []
+        for target in targets:
+            backend = target if isinstance(target, Backend) else self.lookup(target)
+            try:
+                job, created = backend.request(
+                    kind, node=node, requested_by=self.requested_by, force=force, queue=queue
+                )
+            except OperationRefused as exc:
+                failures.append(f"{backend.name}: {exc}")
+                self.stderr.write(f"{backend.name}: {exc}")
+                continue
+            if queue:
+                self.stdout.write(f"{backend.name}: {kind} queued as job {job.pk}")
+                jobs.append(job)
+                continue
+            if not created:
+                self.stdout.write(f"{backend.name}: job {job.pk} is already {job.status}; following it")
+                job = self.follow(job, run=False, quiet=quiet)
+            else:
+                job = self.follow(job, run=True, quiet=quiet)
+            jobs.append(job)
+            outcome = job.error or job.message
+            if job.status == JobStatus.SUCCEEDED:
+                if not quiet:
+                    self.stdout.write(f"{backend.name}: {outcome} (job {job.pk}, {_seconds(job)})")
+            else:
+                failures.append(f"{backend.name}: {job.status}: {outcome}")
+                self.stderr.write(f"{backend.name}: {job.status}: {outcome} (job {job.pk})")
+        if failures:
+            raise CommandError(f"{len(failures)} of {len(targets)} operation(s) did not succeed")
+        return jobs
+
+    def follow(self, job: UpgradeJob, *, run: bool, quiet: bool) -> UpgradeJob:
+        """Run the job here (`run`), or watch it run in another process, showing its progress."""
+        display = _Progress(self, job, tty=sys.stdout.isatty() and not quiet, quiet=quiet)
+        try:
+            if run:
+                return procedure.run(job.pk, observer=display.update)
+            while job.is_active:
+                display.update(job)
+                time.sleep(0.2)
+                job.refresh_from_db()
+            return job
+        finally:
+            display.close()
+
+    def lookup(self, name: str) -> Backend:
+        try:
+            return Backend.objects.lookup(name)
+        except (Backend.DoesNotExist, Backend.MultipleObjectsReturned) as exc:
+            raise CommandError(str(exc)) from exc
+
+    def handle_pin(self, names: list[str], **options: Any) -> None:
+        for name in names:
+            self.lookup(name).pin()
+            self.stdout.write(f"{name}: pinned (never upgraded automatically)")
+
+    def handle_unpin(self, names: list[str], **options: Any) -> None:
+        for name in names:
+            self.lookup(name).unpin()
+            self.stdout.write(f"{name}: unpinned")
+
+    # -- the disk ------------------------------------------------------------------------------
+
+    def handle_scan(self, **options: Any) -> None:
+        node = Node.local()
+        problems = procedure.record_disk_state(node)
+        count = InstalledVersion.objects.filter(node=node, state=InstalledVersion.State.CURRENT).count()
+        self.stdout.write(f"{count} backend(s) recorded on {node.name} from {node.backends_path}")
+        for problem in problems:
+            self.stdout.write(f"  problem: {problem}")
+
+    def handle_reconcile(self, **options: Any) -> None:
+        report = procedure.reconcile()
+        self.stdout.write(report.summary())
+
+    def handle_check(self, json: bool = False, **options: Any) -> None:
+        from backends_app import detection
+
+        report = detection.check(requested_by=self.requested_by)
+        if json:
+            self.stdout.write(_json(report.rows))
+        else:
+            self.stdout.write(report.summary())
+        if any(row.get("error") for row in report.rows):
+            raise CommandError("the check could not reach every backend's registry")
+
+    def handle_publish(
+        self,
+        directory: str,
+        reference: str,
+        image_version: str | None,
+        platform: list[str] | None,
+        **options: Any,
+    ) -> None:
+        path = Path(directory)
+        if not (path / "run.sh").is_file():
+            raise CommandError(f"{path} has no run.sh: not a backend directory")
+        try:
+            client = procedure.client_from_settings()
+            with client:
+                digest = oci.publish(
+                    path, reference, version=image_version, platforms=platform, client=client
+                )
+        except oci.OCIError as exc:
+            raise CommandError(str(exc)) from exc
+        self.stdout.write(f"published {path} as {reference} ({digest})")
+
+
+class _Progress:
+    """A tqdm bar with bytes and speed on a terminal; a plain line per change of phase or 10% otherwise."""
+
+    def __init__(self, command: Command, job: UpgradeJob, *, tty: bool, quiet: bool) -> None:
+        self.command, self.tty, self.quiet = command, tty, quiet
+        self.bar: tqdm | None = None
+        self.last_line = ""
+        self.name = job.backend.name if job.backend else "check"
+
+    def update(self, job: UpgradeJob) -> None:
+        if self.quiet:
+            return
+        if self.tty:
+            if self.bar is None and job.bytes_total:
+                self.bar = tqdm(
+                    total=job.bytes_total,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=self.name,
+                    leave=True,
+                )
+            if self.bar is not None:
+                self.bar.update(job.bytes_done - self.bar.n)
+                self.bar.set_postfix_str(job.phase, refresh=False)
+            return
+        line = f"{self.name}: {job.phase}"
+        if job.bytes_total:
+            line += f" {int(job.percent) // 10 * 10}% of {job.bytes_total / 1048576:.1f} MiB"
+        if line != self.last_line:
+            self.command.stdout.write(line)
+            self.last_line = line
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _seconds(job: UpgradeJob) -> str:
+    return f"{job.duration.total_seconds():.1f} s" if job.duration else "-"
+
+
+def _job_json(job: UpgradeJob) -> dict[str, Any]:
+    return {
+        "job": job.pk,
+        "name": job.backend.name if job.backend else None,
+        "kind": job.kind,
+        "status": job.status,
+        "from_version": job.from_version,
+        "from_digest": job.from_digest,
+        "to_version": job.to_version,
+        "to_digest": job.to_digest,
+        "message": job.message,
+        "error": job.error,
+        "duration_seconds": job.duration.total_seconds() if job.duration else None,
+    }
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, indent=2, default=str)

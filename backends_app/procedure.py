@@ -1,0 +1,738 @@
+"""Install, upgrade, roll back and uninstall backends: the one place where backends change on disk.
+
+Every operation runs as an `UpgradeJob` and follows the journal protocol of docs/on-disk-layout.md:
+the new tree is downloaded and verified in the state directory, swapped in with one atomic
+`renameat2(RENAME_EXCHANGE)`, health-checked where it lives, and only then confirmed. Until it is
+confirmed a crash rolls back to the old tree (see `reconcile`); from then on it rolls forward. The
+rows in the database are always re-derived from what is on disk (`record_disk_state`), so they
+agree with it whatever step was interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shlex
+import signal
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from backends_app import layout, oci
+from backends_app.models import (
+    Backend,
+    InstalledVersion,
+    JobKind,
+    JobPhase,
+    JobStatus,
+    Node,
+    PortalSettings,
+    UpgradeJob,
+)
+
+log = logging.getLogger(__name__)
+
+# Free space asked for before a download: the compressed size (while it streams) plus the tree it
+# unpacks to, estimated from the compressed size, plus a fixed margin.
+UNPACK_RATIO = 3.0
+SPACE_MARGIN = 64 * 1024 * 1024
+# How often a running job looks at its row for a cancel request.
+CANCEL_POLL_SECONDS = 1.0
+
+
+class ProcedureError(Exception):
+    """An operation failed cleanly: the message says why; the backend is as it was."""
+
+
+class Cancelled(ProcedureError):
+    """The job was cancelled before its backend was touched."""
+
+
+class RolledBack(ProcedureError):
+    """The new version failed its health check and the previous one was put back."""
+
+
+def client_from_settings(platform: str | None = None) -> oci.RegistryClient:
+    """A registry client configured from the settings (timeouts, retries, insecure hosts, auth)."""
+    auth_file = settings.PORTAL_REGISTRY_AUTH_FILE
+    return oci.RegistryClient(
+        oci.RegistryConfig(
+            insecure_hosts=tuple(settings.PORTAL_INSECURE_REGISTRIES),
+            timeout=(min(10.0, settings.PORTAL_REGISTRY_TIMEOUT), float(settings.PORTAL_REGISTRY_TIMEOUT)),
+            retries=settings.PORTAL_REGISTRY_RETRIES,
+            auth_file=auth_file if auth_file and os.path.exists(auth_file) else None,
+            platform=platform or settings.PORTAL_PLATFORM,
+        )
+    )
+
+
+def crash_point(name: str) -> None:
+    """Fault injection for the crash tests: SIGKILL this process when PORTAL_CRASH_AT names `name`.
+
+    A real SIGKILL, as a power cut or an OOM kill would deliver, at a named step of the procedure.
+    """
+    if os.environ.get("PORTAL_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class Operation:
+    """Everything one running job needs: its rows, its directories, its journal and registry client."""
+
+    job: UpgradeJob
+    backend: Backend
+    node: Node
+    settings: PortalSettings
+    backends: Path
+    state: layout.StateDirs
+    journal: layout.Journal
+    client: oci.RegistryClient
+    observer: Callable[[UpgradeJob], None] | None = None
+    _next_cancel_poll: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    @property
+    def live(self) -> Path:
+        return self.backends / self.name
+
+    def phase(self, phase: str, message: str = "") -> None:
+        self.job.set_phase(phase, message)
+        if self.observer:
+            self.observer(self.job)
+
+    def progress(self, done: int, total: int, message: str = "") -> None:
+        self.job.set_progress(done, total, message)
+        if self.observer:
+            self.observer(self.job)
+
+    def checkpoint(self, name: str, *, cancellable: bool = True) -> None:
+        """A named step boundary: crash injection, and (before the swap) a cancel request."""
+        crash_point(name)
+        if cancellable and time.monotonic() >= self._next_cancel_poll:
+            self._next_cancel_poll = time.monotonic() + CANCEL_POLL_SECONDS
+            if UpgradeJob.objects.filter(pk=self.job.pk, cancel_requested=True).exists():
+                raise Cancelled("cancelled before the backend was touched")
+
+    def health_command(self) -> tuple[str | None, float]:
+        spec = self.backend.health_check or {}
+        command = spec.get("command")
+        if isinstance(command, list):
+            command = shlex.join(command)
+        command = command or self.settings.health_check_command or None
+        return command, float(spec.get("timeout") or self.settings.health_check_timeout)
+
+
+def run(job_id: int, observer: Callable[[UpgradeJob], None] | None = None) -> UpgradeJob:
+    """Run one queued job to its end, in this process. The tasks and the commands call this.
+
+    `observer` is called with the job after each change of phase or progress (the commands draw
+    their progress bar with it).
+    """
+    job = UpgradeJob.objects.select_related("backend__gallery", "node").get(pk=job_id)
+    if not job.start():
+        return job
+    if job.kind == JobKind.CHECK:
+        from backends_app import detection
+
+        return detection.run_check_job(job)
+    node = job.node or Node.local()
+    operation = Operation(
+        job=job,
+        backend=job.backend,
+        node=node,
+        settings=PortalSettings.load(),
+        backends=Path(node.backends_path),
+        state=layout.StateDirs(node.state_path),
+        journal=layout.Journal(layout.StateDirs(node.state_path).journal_path),
+        client=client_from_settings(node.platform),
+        observer=observer,
+    )
+    steps: dict[str, Callable[[Operation], str]] = {
+        JobKind.INSTALL: install,
+        JobKind.UPGRADE: install,
+        JobKind.ROLLBACK: rollback,
+        JobKind.UNINSTALL: uninstall,
+    }
+    try:
+        operation.backends.mkdir(parents=True, exist_ok=True)
+        operation.state.check(operation.backends)
+        operation.state.ensure()
+        message = steps[job.kind](operation)
+    except Cancelled as exc:
+        job.finish(str(exc), status=JobStatus.CANCELLED)
+    except RolledBack as exc:
+        job.fail(str(exc), status=JobStatus.ROLLED_BACK)
+    except (ProcedureError, oci.OCIError, layout.LayoutError, OSError) as exc:
+        job.fail(_describe(exc))
+    except Exception as exc:  # the job row must never stay "running" behind an unexpected error
+        log.exception("job %s failed unexpectedly", job.pk)
+        job.fail(f"unexpected error: {_describe(exc)}")
+    else:
+        job.finish(message)
+    finally:
+        operation.journal.close()
+        operation.client.close()
+    job.refresh_from_db()
+    return job
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    return str(exc) or type(exc).__name__
+
+
+# --- install and upgrade --------------------------------------------------------------------------
+
+
+def install(op: Operation) -> str:
+    """Install or upgrade a backend; for a meta backend, its concrete backend and then the meta."""
+    if not op.backend.is_meta:
+        return install_concrete(op, op.backend)
+    concrete = _concrete_for(op.backend, op.node)
+    summary = install_concrete(op, concrete)
+    _write_meta(op, concrete)
+    return f"{summary}; {op.backend.name} points to {concrete.name}"
+
+
+def _concrete_for(meta: Backend, node: Node) -> Backend:
+    target = meta.concrete_name_for(node.capability)
+    if not target:
+        raise ProcedureError(f"meta backend {meta.name} has no build for capability {node.capability!r}")
+    try:
+        return Backend.objects.visible().get(gallery=meta.gallery, name=target)
+    except Backend.DoesNotExist:
+        raise ProcedureError(
+            f"meta backend {meta.name} points to {target}, which its gallery lacks"
+        ) from None
+
+
+def install_concrete(op: Operation, backend: Backend) -> str:
+    """Download, verify and stage `backend`, swap it in, health-check it, keep the previous tree."""
+    job, name = op.job, backend.name
+    live = op.backends / name
+    staging = op.state.staging_root / name / f"job-{job.pk}"
+    # The journal's lock is held from here to the end: it is what tells reconcile this is alive.
+    op.journal.begin(job.kind, name, job.pk, live=live, staging=staging, step="staging")
+    try:
+        op.phase(JobPhase.RESOLVING, f"resolving {backend.uri}")
+        refs = backend.reference_chain
+        if not refs:
+            raise ProcedureError(f"{name} has no image reference in its gallery")
+        resolved = op.client.resolve_first(refs, platform=op.node.platform)
+        needed = int(resolved.total_compressed_size * (1 + UNPACK_RATIO))
+        layout.ensure_free_space(op.state.root, needed, SPACE_MARGIN)
+        op.checkpoint("resolved")
+
+        op.phase(JobPhase.DOWNLOADING, f"downloading {resolved.source}")
+        staging.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        pulled = _pull(op, resolved, refs, staging)
+        version = backend.version or pulled.version or ""
+        job._update(to_version=version, to_digest=pulled.digest, source=pulled.source)
+        op.checkpoint("downloaded")
+
+        staging.chmod(0o755)  # it becomes the live directory; LocalAI may run as another user
+        layout.write_metadata(
+            staging,
+            layout.BackendMetadata(
+                name=name,
+                alias=backend.alias,
+                gallery_url=backend.gallery.url,
+                installed_at=layout.format_rfc3339(timezone.now()),
+                version=version,
+                uri=backend.uri,
+                digest=pulled.digest,
+            ),
+        )
+        precheck = layout.health_check(staging)
+        if not precheck.ok:
+            raise ProcedureError(f"the image of {name} is not a backend: {precheck.detail}")
+        layout.sync_tree(staging)
+        op.checkpoint("staged")
+    except BaseException:
+        # Nothing live was touched: drop what was staged, end the journal.
+        layout.remove_tree(staging)
+        op.journal.clear(name)
+        raise
+    _swap_in(op, backend, source=staging, source_is_kept=False)
+    return f"{name} {version or pulled.digest[:19]} installed from {pulled.source}"
+
+
+def _pull(op: Operation, resolved: oci.Resolved, refs: list[str], staging: Path) -> oci.PullResult:
+    """Pull the resolved image; if its source fails, the other references of the chain in order."""
+    job = op.job
+
+    def progress(update: oci.PullProgress) -> None:
+        op.progress(update.done, update.total, f"layer {update.layer_index + 1}/{update.layer_count}")
+        op.checkpoint("downloading")
+
+    try:
+        return op.client.pull(resolved, staging, progress=progress)
+    except (oci.UnsafeArchive, Cancelled):
+        raise
+    except oci.OCIError as first:
+        others = [ref for ref in refs if ref != resolved.source]
+        if not others:
+            raise
+        log.warning("pull from %s failed (%s); trying mirrors", resolved.source, first)
+        return op.client.pull_first(others, staging, platform=op.node.platform, progress=progress)
+
+
+def _swap_in(op: Operation, backend: Backend, *, source: Path, source_is_kept: bool) -> None:
+    """Put `source` live, health-check it there, keep what it replaced. Journal begun by the caller.
+
+    On a failed health check the previous tree goes back and the job ends as rolled back; the
+    failed target is held so automatic upgrades skip it. Any other error on the way is recovered
+    at once exactly as a crash would be, so the old version is live when the error is reported.
+    """
+    try:
+        _swap_in_steps(op, backend, source=source, source_is_kept=source_is_kept)
+    except BaseException:
+        record = op.journal.read(backend.name)
+        if record is not None:
+            _recover(op.journal, op.state, record)
+            record_disk_state(op.node, [backend.name])
+        raise
+
+
+def _swap_in_steps(op: Operation, backend: Backend, *, source: Path, source_is_kept: bool) -> None:
+    job, name = op.job, backend.name
+    live = op.backends / name
+    kept = op.state.kept(name, _kept_label(job))
+    had_previous = live.exists()
+    op.phase(JobPhase.SWAPPING, f"swapping {name} in")
+    if had_previous:
+        op.journal.advance(name, "swapping", kept=kept)
+        op.checkpoint("before-swap", cancellable=False)
+        layout.exchange(source, live)
+    else:
+        op.journal.advance(name, "moving-in")
+        op.checkpoint("before-swap", cancellable=False)
+        layout.rename_noreplace(source, live)
+    op.checkpoint("after-swap", cancellable=False)
+    op.journal.advance(name, "swapped")
+    op.checkpoint("swapped", cancellable=False)
+
+    op.phase(JobPhase.HEALTH_CHECK, f"checking {name}")
+    command, timeout = op.health_command()
+    health = layout.health_check(live, command, timeout, backends_path=op.backends)
+    op.checkpoint("health-checked", cancellable=False)
+    if not health.ok:
+        _revert(op, name, source=source, had_previous=had_previous, source_is_kept=source_is_kept)
+        backend.hold(
+            version=job.to_version, digest=job.to_digest, reason=f"health check failed: {health.detail}"
+        )
+        record_disk_state(op.node, [name])
+        if had_previous:
+            raise RolledBack(f"health check failed, previous version restored: {health.detail}")
+        raise ProcedureError(f"health check failed, not installed: {health.detail}")
+
+    op.journal.advance(name, "confirmed")
+    op.checkpoint("confirmed", cancellable=False)
+    op.phase(JobPhase.CLEANUP, "keeping the previous version")
+    if had_previous:
+        layout.rename_noreplace(source, kept)
+    op.checkpoint("kept", cancellable=False)
+    _prune_kept(op, name)
+    op.checkpoint("pruned", cancellable=False)
+    record_disk_state(op.node, [name], origin=_origin_for(job))
+    if job.kind != JobKind.ROLLBACK:
+        Backend.objects.filter(pk=backend.pk).update(upgrade_available=False, upgrade_reason="")
+    op.checkpoint("recorded", cancellable=False)
+    op.journal.clear(name)
+    op.checkpoint("cleared", cancellable=False)
+
+
+def _revert(op: Operation, name: str, *, source: Path, had_previous: bool, source_is_kept: bool) -> None:
+    """Undo a swap whose health check failed: the previous tree goes back live."""
+    live = op.backends / name
+    op.journal.advance(name, "reverting")
+    if had_previous:
+        layout.exchange(source, live)
+    else:
+        layout.rename_noreplace(live, source)
+    op.journal.advance(name, "reverted")
+    if not source_is_kept:
+        _to_trash(op, source)
+    op.journal.clear(name)
+
+
+def _kept_label(job: UpgradeJob) -> str:
+    # Labels sort by age: the newest kept version is the last one.
+    return f"{timezone.now():%Y%m%dT%H%M%S}-job{job.pk}"
+
+
+def _origin_for(job: UpgradeJob) -> str:
+    return (
+        InstalledVersion.Origin.ROLLBACK if job.kind == JobKind.ROLLBACK else InstalledVersion.Origin.GALLERY
+    )
+
+
+def _prune_kept(op: Operation, name: str) -> None:
+    """Keep the newest `versions_kept` previous trees of `name`; the older ones go."""
+    kept = op.state.kept_versions(name)
+    surplus = kept[: max(0, len(kept) - op.settings.versions_kept)]
+    for path in surplus:
+        _to_trash(op, path)
+    op.state.empty_trash()
+
+
+def _to_trash(op: Operation, path: Path) -> None:
+    if path.exists() or path.is_symlink():
+        layout.rename_noreplace(path, op.state.trash_slot(path.name))
+
+
+def _write_meta(op: Operation, concrete: Backend) -> None:
+    """Write the meta backend's directory: metadata.json alone, pointing at the concrete one."""
+    meta = op.backend
+    metadata = layout.BackendMetadata(
+        name=meta.name,
+        alias=meta.alias,
+        meta_backend_for=concrete.name,
+        gallery_url=meta.gallery.url,
+        installed_at=layout.format_rfc3339(timezone.now()),
+    )
+    live = op.backends / meta.name
+    if live.is_dir():
+        layout.write_metadata(live, metadata)  # one atomic rename of the file
+    else:
+        staging = op.state.staging(meta.name, f"job-{op.job.pk}")
+        layout.write_metadata(staging, metadata)
+        op.checkpoint("meta-staged", cancellable=False)
+        layout.rename_noreplace(staging, live)
+    record_disk_state(op.node, [meta.name], origin=_origin_for(op.job))
+
+
+# --- rollback and uninstall -----------------------------------------------------------------------
+
+
+def rollback(op: Operation) -> str:
+    """Put the newest kept version back live; the version rolled back from is kept and held."""
+    backend = op.backend
+    if backend.is_meta:
+        backend = _installed_concrete(op)
+    name = backend.name
+    kept = op.state.kept_versions(name)
+    if not kept:
+        raise ProcedureError(f"{name} has no kept version to roll back to")
+    source = kept[-1]
+    restored = layout.read_metadata(source)
+    current = _read_live_metadata(op, name)
+    op.job._update(to_version=restored.version, to_digest=restored.digest)
+    op.journal.begin("rollback", name, op.job.pk, live=op.backends / name, staging=source, step="staging")
+    try:
+        op.checkpoint("staged")
+    except BaseException:
+        op.journal.clear(name)
+        raise
+    _swap_in(op, backend, source=source, source_is_kept=True)
+    if current is not None:
+        backend.hold(version=current.version, digest=current.digest, reason=f"rolled back by job {op.job.pk}")
+    return f"{name} rolled back to {restored.version or restored.digest[:19]}"
+
+
+def _installed_concrete(op: Operation) -> Backend:
+    metadata = _read_live_metadata(op, op.backend.name)
+    target = metadata.meta_backend_for if metadata else ""
+    found = Backend.objects.visible().filter(gallery=op.backend.gallery, name=target).first()
+    if not found:
+        raise ProcedureError(f"meta backend {op.backend.name} points to {target or 'nothing'} on disk")
+    return found
+
+
+def _read_live_metadata(op: Operation, name: str) -> layout.BackendMetadata | None:
+    try:
+        return layout.read_metadata(op.backends / name)
+    except layout.LayoutError:
+        return None
+
+
+def uninstall(op: Operation) -> str:
+    """Remove a backend, its kept versions and any meta backend pointing at it (or, for a meta, its
+    concrete backend). Each directory leaves the backends directory in one rename."""
+    names = [op.backend.name]
+    metadata = _read_live_metadata(op, op.backend.name)
+    if metadata and metadata.is_meta:
+        names.append(metadata.meta_backend_for)
+    names += [
+        entry.name
+        for entry in layout.scan(op.backends)
+        if entry.meta_backend_for in names and entry.name not in names
+    ]
+    op.phase(JobPhase.SWAPPING, f"removing {', '.join(names)}")
+    for name in names:
+        live = op.backends / name
+        slot = op.state.trash_slot(name)
+        op.journal.begin("uninstall", name, op.job.pk, live=live, trash=slot, step="removing")
+        op.checkpoint("before-remove", cancellable=False)
+        if live.exists() or live.is_symlink():
+            layout.rename_noreplace(live, slot)
+        for kept in op.state.kept_versions(name):
+            _to_trash(op, kept)
+        op.checkpoint("removed", cancellable=False)
+        op.journal.clear(name)
+    record_disk_state(op.node, names)
+    op.state.empty_trash()
+    return f"uninstalled {', '.join(names)}"
+
+
+# --- the database follows the disk ----------------------------------------------------------------
+
+
+def _backend_for(metadata: layout.BackendMetadata | None, name: str) -> Backend | None:
+    candidates = Backend.objects.visible().filter(name=name).select_related("gallery")
+    if metadata and metadata.gallery_url:
+        exact = [b for b in candidates if b.gallery.url == metadata.gallery_url]
+        if exact:
+            return exact[0]
+    return candidates.first()
+
+
+def record_disk_state(node: Node, names: Iterable[str] | None = None, origin: str = "") -> list[str]:
+    """Make the node's InstalledVersion rows say exactly what its disk holds.
+
+    For each backend name (default: everything on disk and every name with rows), the live
+    directory gives the current row and each kept directory a kept row; rows for trees that are no
+    longer on disk go. Returns the problems found (corrupt metadata and the like), one per backend.
+    """
+    backends = Path(node.backends_path)
+    state = layout.StateDirs(node.state_path)
+    scanned = {entry.name: entry for entry in layout.scan(backends)}
+    if names is None:
+        wanted = set(scanned) | set(node.installed.values_list("name", flat=True))
+        if state.kept_root.is_dir():
+            wanted |= {p.name for p in state.kept_root.iterdir() if p.is_dir()}
+    else:
+        wanted = set(names)
+    problems = []
+    with transaction.atomic():
+        for name in sorted(wanted):
+            entry = scanned.get(name)
+            rows = {row.path: row for row in node.installed.filter(name=name)}
+            keep_paths: set[str] = set()
+            if entry is not None and not entry.is_symlink:
+                keep_paths.add(str(entry.path))
+                problem = entry.problem
+                if problem:
+                    problems.append(f"{name}: {problem}")
+                _upsert_row(
+                    node,
+                    name,
+                    entry.path,
+                    entry.metadata,
+                    InstalledVersion.State.CURRENT,
+                    problem,
+                    origin,
+                    rows,
+                )
+            for kept_dir in state.kept_versions(name) if (state.kept_root / name).is_dir() else []:
+                try:
+                    metadata: layout.BackendMetadata | None = layout.read_metadata(kept_dir)
+                    problem = ""
+                except layout.LayoutError as exc:
+                    metadata, problem = None, str(exc)
+                keep_paths.add(str(kept_dir))
+                _upsert_row(node, name, kept_dir, metadata, InstalledVersion.State.KEPT, problem, "", rows)
+            stale = [row.pk for path, row in rows.items() if path not in keep_paths]
+            if stale:
+                InstalledVersion.objects.filter(pk__in=stale).delete()
+    return problems
+
+
+def _upsert_row(
+    node: Node,
+    name: str,
+    path: Path,
+    metadata: layout.BackendMetadata | None,
+    state: str,
+    problem: str,
+    origin: str,
+    rows: dict[str, InstalledVersion],
+) -> None:
+    meta = metadata or layout.BackendMetadata(name=name)
+    values = {
+        "backend": _backend_for(metadata, meta.name if meta.is_meta else name),
+        "state": state,
+        "is_meta": meta.is_meta,
+        "meta_backend_for": meta.meta_backend_for,
+        "alias": meta.alias,
+        "gallery_url": meta.gallery_url,
+        "version": meta.version,
+        "uri": meta.uri,
+        "digest": meta.digest,
+        "installed_at": meta.installed_datetime,
+        "problem": problem[:500],
+    }
+    row = rows.get(str(path))
+    if row is None and state == InstalledVersion.State.CURRENT:
+        # The live directory's row keeps its identity (and origin) across upgrades.
+        row = next((r for r in rows.values() if r.state == InstalledVersion.State.CURRENT), None)
+        if row is not None:
+            rows.pop(row.path, None)
+    if row is None:
+        if state == InstalledVersion.State.CURRENT:
+            # Demote any other current row first (the unique constraint allows one).
+            InstalledVersion.objects.filter(node=node, name=name, state=state).update(
+                state=InstalledVersion.State.KEPT
+            )
+        InstalledVersion.objects.create(
+            node=node, name=name, path=str(path), origin=origin or InstalledVersion.Origin.ADOPTED, **values
+        )
+        return
+    changed = {key: value for key, value in values.items() if getattr(row, key) != value}
+    if row.path != str(path):
+        changed["path"] = str(path)
+    if (
+        origin
+        and (row.digest != meta.digest or row.origin != origin)
+        and state == InstalledVersion.State.CURRENT
+    ):
+        changed["origin"] = origin
+    if changed:
+        for key, value in changed.items():
+            setattr(row, key, value)
+        row.save()
+
+
+# --- after a crash --------------------------------------------------------------------------------
+
+
+@dataclass
+class ReconcileReport:
+    recovered: list[str]
+    interrupted_jobs: list[int]
+    problems: list[str]
+    removed_leftovers: int
+
+    def summary(self) -> str:
+        parts = [
+            f"{len(self.recovered)} interrupted operation(s) recovered",
+            f"{len(self.interrupted_jobs)} job(s) marked interrupted",
+            f"{self.removed_leftovers} leftover(s) removed",
+        ]
+        text = ", ".join(parts)
+        if self.recovered:
+            text += "\n" + "\n".join(f"  {line}" for line in self.recovered)
+        if self.problems:
+            text += "\nproblems on disk:\n" + "\n".join(f"  {line}" for line in self.problems)
+        return text
+
+
+def reconcile(node: Node | None = None) -> ReconcileReport:
+    """Finish or undo every operation whose process died, then make the rows agree with the disk.
+
+    Runs when a worker starts and by `manage.py backends reconcile`. An operation still running in
+    another process (its journal lock held) is left alone.
+    """
+    node = node or Node.local()
+    state = layout.StateDirs(node.state_path)
+    state.ensure()
+    journal = layout.Journal(state.journal_path)
+    recovered: list[str] = []
+    busy: set[str] = set()
+    try:
+        for record in journal.pending():
+            if record.owner_alive:
+                busy.add(record.backend)
+                continue
+            journal.take_over(record.backend)
+            outcome = _recover(journal, state, record)
+            recovered.append(
+                f"{record.backend}: {record.op} (job {record.job_id}) at {record.step!r}: {outcome}"
+            )
+            _mark_interrupted(record.job_id, f"interrupted at step {record.step!r}: {outcome}")
+    finally:
+        journal.close()
+    removed = 0
+    named = {Path(r.staging) for r in journal.pending() if r.staging}
+    if state.staging_root.is_dir():
+        for parent in state.staging_root.iterdir():
+            if parent.name in busy:
+                continue
+            for leftover in list(parent.iterdir()) if parent.is_dir() else []:
+                if leftover not in named:
+                    layout.remove_tree(leftover)
+                    removed += 1
+    removed += state.empty_trash()
+    interrupted = []
+    for job in UpgradeJob.objects.filter(node=node, status=JobStatus.RUNNING).select_related("backend"):
+        if job.backend and job.backend.name in busy:
+            continue
+        _mark_interrupted(str(job.pk), "interrupted: its process stopped before it finished")
+        interrupted.append(job.pk)
+    problems = record_disk_state(node)
+    return ReconcileReport(recovered, interrupted, problems, removed)
+
+
+def _mark_interrupted(job_id: str, message: str) -> None:
+    with contextlib.suppress(ValueError):
+        UpgradeJob.objects.filter(pk=int(job_id), status__in=JobStatus.ACTIVE).update(
+            status=JobStatus.INTERRUPTED, error=message, finished_at=timezone.now()
+        )
+
+
+def _recover(journal: layout.Journal, state: layout.StateDirs, record: layout.JournalRecord) -> str:
+    """Bring one interrupted operation to a whole state, following docs/on-disk-layout.md."""
+    name, step, op = record.backend, record.step, record.op
+    live, staging, kept = Path(record.live), record.path("staging"), record.path("kept")
+
+    def trash(path: Path | None) -> None:
+        if path is not None and (path.exists() or path.is_symlink()):
+            layout.rename_noreplace(path, state.trash_slot(path.name))
+
+    if op == "uninstall":
+        if record.now_at("live") == "live":
+            trash(live)
+        for path in state.kept_versions(name):
+            trash(path)
+        journal.clear(name)
+        return "removal finished"
+
+    source_is_kept = op == "rollback"
+    had_previous = bool(record.kept)  # an install onto an empty place records no kept path
+    if step == "staging":
+        if not source_is_kept:
+            trash(staging)
+        journal.clear(name)
+        return "nothing was swapped; the previous version is in place"
+    if step == "confirmed":
+        # The new tree passed its health check live: roll forward.
+        if (
+            had_previous
+            and staging is not None
+            and staging.exists()
+            and kept is not None
+            and not kept.exists()
+        ):
+            layout.rename_noreplace(staging, kept)
+        journal.clear(name)
+        return "the new version is in place"
+    # Not confirmed: roll back. Was the new tree live when the process died?
+    if step in ("swapping", "moving-in"):
+        new_is_live = record.now_at("staging") == "live"
+    elif step == "reverting":
+        new_is_live = record.now_at("live") == "live"
+    else:
+        new_is_live = step == "swapped"
+    if new_is_live:
+        if step != "reverting":
+            journal.advance(name, "reverting")
+        if had_previous:
+            layout.exchange(staging, live)
+        else:
+            layout.rename_noreplace(live, staging)
+    journal.advance(name, "reverted")
+    if not source_is_kept:
+        trash(staging)
+    journal.clear(name)
+    return "rolled back; the previous version is in place" if had_previous else "install undone"

@@ -270,7 +270,6 @@ def install_concrete(op: Operation, backend: Backend) -> str:
 
 def _pull(op: Operation, resolved: oci.Resolved, refs: list[str], staging: Path) -> oci.PullResult:
     """Pull the resolved image; if its source fails, the other references of the chain in order."""
-    job = op.job
 
     def progress(update: oci.PullProgress) -> None:
         op.progress(update.done, update.total, f"layer {update.layer_index + 1}/{update.layer_count}")
@@ -357,14 +356,17 @@ def _revert(op: Operation, name: str, *, source: Path, had_previous: bool, sourc
     """Undo a swap whose health check failed: the previous tree goes back live."""
     live = op.backends / name
     op.journal.advance(name, "reverting")
+    op.checkpoint("reverting", cancellable=False)
     if had_previous:
         layout.exchange(source, live)
     else:
         layout.rename_noreplace(live, source)
     op.journal.advance(name, "reverted")
+    op.checkpoint("reverted", cancellable=False)
     if not source_is_kept:
         _to_trash(op, source)
     op.journal.clear(name)
+    op.state.empty_trash()
 
 
 def _kept_label(job: UpgradeJob) -> str:

@@ -50,7 +50,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     keep, drop = [], []
     for item in items:
         uses_db = "_django_db_helper" in getattr(item, "fixturenames", ())
-        (keep if uses_db and not item.get_closest_marker("postgres") else drop).append(item)
+        once = item.get_closest_marker("postgres") or item.get_closest_marker("single_pass")
+        (keep if uses_db and not once else drop).append(item)
     config.hook.pytest_deselected(items=drop)
     items[:] = keep
 
@@ -108,3 +109,49 @@ def subprocess_env(**extra: str) -> dict[str, str]:
         "PORTAL_CAPABILITY": settings.PORTAL_CAPABILITY,
         **extra,
     }
+
+
+def image(version: str, *, executable: bool = True, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The files of a small backend image whose run.sh and lib/version.txt name `version`."""
+    return {
+        "run.sh": (f"#!/bin/sh\necho {version}\n", 0o755 if executable else 0o644),
+        "lib/version.txt": version,
+        **(extra or {}),
+    }
+
+
+def run_op(backend: Any, kind: str, **kwargs: Any) -> Any:
+    """Ask for an operation and run it here, as the commands do; returns the finished job."""
+    from backends_app import procedure
+
+    job, created = backend.request(kind, queue=False, requested_by="test", **kwargs)
+    assert created
+    return procedure.run(job.pk)
+
+
+def live_version(settings: Any, name: str) -> str:
+    return (Path(settings.PORTAL_BACKENDS_PATH) / name / "lib" / "version.txt").read_text()
+
+
+@pytest.fixture
+def published(registry: Any, gallery_factory: Any) -> Any:
+    """A backend `cpu-demo` in a gallery, its tag in the real registry; `.push(version)` moves the tag."""
+    from backends_app.models import Backend
+
+    class Published:
+        repo = registry.unique_repo()
+        ref = registry.ref(repo, "latest")
+        digests: dict[str, str] = {}
+
+        def push(self, version: str, **kwargs: Any) -> str:
+            registry.push_image(image(version, **kwargs), repo=self.repo, tag="latest")
+            with registry.client() as client:
+                digest = client.head_digest(self.ref)
+            self.digests[digest] = version
+            return digest
+
+    demo = Published()
+    demo.first_digest = demo.push("v1")
+    demo.gallery = gallery_factory([{"name": "cpu-demo", "uri": demo.ref, "alias": "demo"}])
+    demo.backend = Backend.objects.lookup("cpu-demo")
+    return demo

@@ -22,46 +22,9 @@ from backends_app.models import (
     PortalSettings,
     UpgradeJob,
 )
+from tests.conftest import image, live_version, run_op
 
 pytestmark = pytest.mark.django_db
-
-
-def image(version: str, *, executable: bool = True, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {
-        "run.sh": (f"#!/bin/sh\necho {version}\n", 0o755 if executable else 0o644),
-        "lib/version.txt": version,
-        **(extra or {}),
-    }
-
-
-def run_op(backend: Backend, kind: str, **kwargs: Any) -> UpgradeJob:
-    job, created = backend.request(kind, queue=False, requested_by="test", **kwargs)
-    assert created
-    return procedure.run(job.pk)
-
-
-def live_version(settings: Any, name: str) -> str:
-    return (Path(settings.PORTAL_BACKENDS_PATH) / name / "lib" / "version.txt").read_text()
-
-
-@pytest.fixture
-def published(registry: Any, gallery_factory: Any) -> Any:
-    """A backend `cpu-demo` in a gallery, its tag in the real registry; `.push(version)` moves the tag."""
-
-    class Published:
-        repo = registry.unique_repo()
-        ref = registry.ref(repo, "latest")
-
-        def push(self, version: str, **kwargs: Any) -> str:
-            registry.push_image(image(version, **kwargs), repo=self.repo, tag="latest")
-            with registry.client() as client:
-                return client.head_digest(self.ref)
-
-    demo = Published()
-    demo.first_digest = demo.push("v1")
-    demo.gallery = gallery_factory([{"name": "cpu-demo", "uri": demo.ref, "alias": "demo"}])
-    demo.backend = Backend.objects.lookup("cpu-demo")
-    return demo
 
 
 def test_install_writes_localais_layout_with_the_pulled_digest(published: Any, settings: Any) -> None:

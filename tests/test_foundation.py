@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -128,6 +129,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def processes_with(marker: str) -> list[int]:
+    """Pids of live processes whose environment mentions `marker` (this test's data folder)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if marker.encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
 def test_serve_starts_web_server_and_worker_and_ctrl_c_stops_both(tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "PORTAL_DATA_DIR": str(tmp_path), "DATABASE_URL": "", "PORT": str(port)}
@@ -136,13 +150,15 @@ def test_serve_starts_web_server_and_worker_and_ctrl_c_stops_both(tmp_path: Path
     server = subprocess.Popen(
         [*manage, "serve"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(iter(server.stdout.readline, "")), daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 60
         page = None
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and page is None:
             try:
                 page = requests.get(f"http://127.0.0.1:{port}/admin/login/", timeout=2)
-                break
             except requests.ConnectionError:
                 time.sleep(0.2)
         assert page is not None and page.status_code == 200
@@ -150,8 +166,16 @@ def test_serve_starts_web_server_and_worker_and_ctrl_c_stops_both(tmp_path: Path
         assert (
             requests.get(f"http://127.0.0.1:{port}/static/admin/css/base.css", timeout=5).status_code == 200
         )
+        while time.monotonic() < deadline and not any("running" in line.lower() for line in output):
+            time.sleep(0.2)
+        assert any("reconcile" in line or "recovered" in line for line in output), output
+        assert any("Q Cluster" in line and "running" in line for line in output), output
     finally:
         server.send_signal(signal.SIGINT)
-        output, _ = server.communicate(timeout=30)
-    assert server.returncode == 0, output
-    assert "qcluster" in output.lower() or "cluster" in output.lower()
+        server.wait(timeout=30)
+    reader.join(timeout=5)
+    assert server.returncode == 0, "".join(output)
+    deadline = time.monotonic() + 20
+    while processes_with(str(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_with(str(tmp_path)) == []

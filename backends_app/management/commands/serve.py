@@ -22,7 +22,7 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, host: str, port: int, no_worker: bool, **options: Any) -> None:
         web = [sys.executable, "-m", "daphne", "-b", host, "-p", str(port), "portal.asgi:application"]
-        worker = [sys.executable, "manage.py", "qcluster"]
+        worker = [sys.executable, "manage.py", "worker"]
         children = [subprocess.Popen(web)]
         if not no_worker:
             children.append(subprocess.Popen(worker))

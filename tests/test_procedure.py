@@ -336,3 +336,42 @@ def test_commands_install_upgrade_and_report_failures_with_exit_status(
 def test_the_local_node_is_used_for_operations(published: Any, settings: Any) -> None:
     job = run_op(published.backend, JobKind.INSTALL)
     assert job.node == Node.local()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path, settings: Any) -> Any:
+    """A real 4 MiB filesystem (tmpfs) holding the backends and state directories."""
+    import subprocess
+
+    from tests.conftest import missing_service
+
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode:
+        missing_service(f"cannot mount a tmpfs (needs root): {done.stderr.decode().strip()}")
+    settings.PORTAL_BACKENDS_PATH = mount / "backends"
+    settings.PORTAL_STATE_PATH = mount / ".backends-portal"
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+@pytest.mark.single_pass
+def test_running_out_of_space_mid_download_is_a_clean_failure(
+    published: Any, settings: Any, small_disk: Path, monkeypatch: Any
+) -> None:
+    monkeypatch.setattr(procedure, "SPACE_MARGIN", 0)  # the disk is tiny; only the estimate counts
+    assert run_op(published.backend, JobKind.INSTALL).status == JobStatus.SUCCEEDED
+    # 16 MiB of zeros compress to a few KiB: the space check passes, the unpacked tree cannot fit.
+    published.push("v2", extra={"lib/model.bin": b"\0" * (16 << 20)})
+
+    job = run_op(published.backend, JobKind.UPGRADE)
+
+    assert job.status == JobStatus.FAILED
+    assert "No space left on device" in job.error
+    assert live_version(settings, "cpu-demo") == "v1"
+    assert json.loads((Path(settings.PORTAL_BACKENDS_PATH) / "cpu-demo/metadata.json").read_text())[
+        "digest"
+    ] == (published.first_digest)
+    assert [p for p in (small_disk / ".backends-portal/staging").rglob("*") if p.is_file()] == []
+    assert InstalledVersion.objects.get(name="cpu-demo", state="current").digest == published.first_digest

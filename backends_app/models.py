@@ -338,6 +338,88 @@ class Backend(models.Model):
     def release_hold(self) -> None:
         self.hold(version="", digest="", reason="")
 
+    def current_versions(self) -> list[InstalledVersion]:
+        """This backend's live version on each node (prefetch `installed` to avoid a query)."""
+        return [row for row in self.installed.all() if row.state == InstalledVersion.State.CURRENT]
+
+    @property
+    def drift(self) -> bool:
+        """True when the nodes that have this backend do not all run the same build."""
+        return len({row.digest or row.version for row in self.current_versions()}) > 1
+
+    def request_everywhere(
+        self,
+        kind: str,
+        *,
+        nodes: list[Node] | None = None,
+        requested_by: str = "",
+        force: bool = False,
+        canary: bool = False,
+    ) -> tuple[UpgradeJob, bool]:
+        """Fan an operation out: one parent job, one child job per node (default: every node that has
+        this backend; for an install, the nodes given). Each node pulls and swaps on its own disk.
+
+        Returns (parent, created); an active fan-out of this backend comes back instead of a second.
+        With `canary`, the first node goes alone and the others follow only if it succeeds.
+        """
+        with transaction.atomic():
+            Backend.objects.select_for_update().filter(pk=self.pk).first()
+            active = UpgradeJob.objects.filter(backend=self, node=None, status__in=JobStatus.ACTIVE).first()
+            if active:
+                return active, False
+            if nodes is None:
+                nodes = list(
+                    Node.objects.filter(
+                        installed__backend=self, installed__state=InstalledVersion.State.CURRENT
+                    )
+                    .distinct()
+                    .order_by("name")
+                )
+            if not nodes:
+                raise OperationRefused(
+                    f"{self.name} is not installed on any node; name the nodes to install on"
+                )
+            parent = UpgradeJob.objects.create(
+                kind=kind,
+                backend=self,
+                status=JobStatus.RUNNING,
+                started_at=timezone.now(),
+                requested_by=requested_by,
+                force=force,
+                canary=canary,
+            )
+            children, skipped = [], []
+            for node in nodes:
+                try:
+                    child, created = self.request(
+                        kind, node=node, requested_by=requested_by, force=force, queue=False, parent=parent
+                    )
+                except OperationRefused as exc:
+                    skipped.append(f"{node.name}: {exc}")
+                    continue
+                if created:
+                    children.append(child)
+                else:
+                    skipped.append(f"{node.name}: busy with job {child.pk}")
+            if not children:
+                raise OperationRefused("; ".join(skipped) or "nothing to do")
+            parent._update(message="; ".join(f"skipped {line}" for line in skipped))
+            for child in children[:1] if canary else children:
+                child.enqueue()
+        return parent, True
+
+    def converge(self, requested_by: str = "") -> tuple[UpgradeJob, bool]:
+        """Upgrade the nodes whose build differs from the newest one known, so all nodes agree."""
+        rows = self.current_versions()
+        target = (
+            self.latest_digest
+            or max(rows, key=lambda r: r.installed_at or timezone.now() - dt.timedelta(days=36500)).digest
+        )
+        lagging = [row.node for row in rows if row.digest != target]
+        if not lagging:
+            raise OperationRefused(f"every node runs the same build of {self.name}")
+        return self.request_everywhere(JobKind.UPGRADE, nodes=lagging, requested_by=requested_by, force=True)
+
     def request(
         self,
         kind: str,
@@ -346,6 +428,7 @@ class Backend(models.Model):
         requested_by: str = "",
         force: bool = False,
         queue: bool = True,
+        parent: UpgradeJob | None = None,
     ) -> tuple[UpgradeJob, bool]:
         """Ask for an install, upgrade, rollback or uninstall of this backend on a node (default: local).
 
@@ -377,6 +460,7 @@ class Backend(models.Model):
             force=force,
             from_version=current.version if current else "",
             from_digest=current.digest if current else "",
+            parent=parent,
         )
         if created and queue:
             job.enqueue()
@@ -392,6 +476,11 @@ class Node(models.Model):
     backends_path = models.CharField(max_length=1000)
     state_path = models.CharField(max_length=1000, blank=True)
     is_local = models.BooleanField(default=False, help_text="The node this portal process manages.")
+    queue = models.CharField(
+        max_length=200,
+        blank=True,
+        help_text="The django-q2 cluster that runs this node's jobs; blank: the default workers.",
+    )
     last_heartbeat_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -413,6 +502,7 @@ class Node(models.Model):
             "platform": settings.PORTAL_PLATFORM,
             "backends_path": str(settings.PORTAL_BACKENDS_PATH),
             "state_path": str(settings.PORTAL_STATE_PATH),
+            "queue": settings.PORTAL_NODE_QUEUE,
             "is_local": True,
         }
         node, created = cls.objects.get_or_create(name=settings.PORTAL_NODE_NAME, defaults=wanted)
@@ -539,13 +629,13 @@ class JobKind(models.TextChoices):
 
 
 class JobStatus(models.TextChoices):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
+    QUEUED = "queued", "queued"
+    RUNNING = "running", "running"
+    SUCCEEDED = "succeeded", "succeeded"
+    FAILED = "failed", "failed"
     ROLLED_BACK = "rolled_back", "rolled back"
-    CANCELLED = "cancelled"
-    INTERRUPTED = "interrupted"
+    CANCELLED = "cancelled", "cancelled"
+    INTERRUPTED = "interrupted", "interrupted"
     PARTIAL = "partial", "partly failed"
 
     ACTIVE: ClassVar[tuple[str, ...]]
@@ -585,6 +675,7 @@ class UpgradeJob(models.Model):
         "self", null=True, blank=True, on_delete=models.CASCADE, related_name="children"
     )
     force = models.BooleanField(default=False)
+    canary = models.BooleanField(default=False, help_text="Fan-out: one node first, the rest if it succeeds.")
     cancel_requested = models.BooleanField(default=False)
     bytes_done = models.BigIntegerField(default=0)
     bytes_total = models.BigIntegerField(default=0)
@@ -667,8 +758,12 @@ class UpgradeJob(models.Model):
         from django_q.tasks import async_task
 
         job_id = self.pk
+        # A node's jobs go to the cluster on that node, which owns its backends directory.
+        cluster = self.node.queue if self.node_id and self.node and self.node.queue else None
         transaction.on_commit(
-            lambda: async_task("backends_app.tasks.run_job", job_id, task_name=f"job-{job_id}")
+            lambda: async_task(
+                "backends_app.tasks.run_job", job_id, task_name=f"job-{job_id}", cluster=cluster
+            )
         )
 
     def _update(self, **fields: Any) -> None:
@@ -700,9 +795,11 @@ class UpgradeJob(models.Model):
             finished_at=timezone.now(),
             percent=100.0 if status == JobStatus.SUCCEEDED else self.percent,
         )
+        UpgradeJob.settle_parent_of(self)
 
     def fail(self, error: str, status: str = JobStatus.FAILED) -> None:
         self._update(status=status, error=error, finished_at=timezone.now())
+        UpgradeJob.settle_parent_of(self)
 
     def cancel(self, by: str = "") -> bool:
         """Cancel a queued job now; a running one is asked to stop at its next safe point."""
@@ -712,5 +809,56 @@ class UpgradeJob(models.Model):
         )
         if not cancelled:
             UpgradeJob.objects.filter(pk=self.pk, status=JobStatus.RUNNING).update(cancel_requested=True)
+        for child in self.children.filter(status__in=JobStatus.ACTIVE):
+            child.cancel(by)
         self.refresh_from_db()
+        if cancelled:
+            UpgradeJob.settle_parent_of(self)
         return bool(cancelled) or self.cancel_requested
+
+    @classmethod
+    def settle_parent_of(cls, child: UpgradeJob) -> None:
+        """After a child job ends: go on with a canary fan-out, or end the parent when all are done.
+
+        The parent ends succeeded (every node), partly failed (some) or failed (none); its message
+        names each node's outcome.
+        """
+        if not child.parent_id:
+            return
+        with transaction.atomic():
+            parent = cls.objects.select_for_update().get(pk=child.parent_id)
+            if not parent.is_active:
+                return
+            children = list(parent.children.select_related("node").order_by("pk"))
+            if parent.canary and children and children[0].pk == child.pk:
+                if child.status == JobStatus.SUCCEEDED:
+                    for rest in children[1:]:
+                        if rest.status == JobStatus.QUEUED:
+                            rest.enqueue()
+                else:
+                    note = f"canary on {child.node} ended {child.status}; the other nodes were not touched"
+                    cls.objects.filter(pk__in=[c.pk for c in children[1:]], status=JobStatus.QUEUED).update(
+                        status=JobStatus.CANCELLED, message=note, finished_at=timezone.now()
+                    )
+                    children = list(parent.children.select_related("node").order_by("pk"))
+            if any(c.status in JobStatus.ACTIVE for c in children):
+                return
+            succeeded = sum(c.status == JobStatus.SUCCEEDED for c in children)
+            status = (
+                JobStatus.SUCCEEDED
+                if succeeded == len(children)
+                else JobStatus.FAILED
+                if succeeded == 0
+                else JobStatus.PARTIAL
+            )
+            outcome = "; ".join(
+                f"{c.node}: {c.get_status_display()}" + (f" ({c.error})" if c.error else "") for c in children
+            )
+            parent._update(
+                status=status,
+                phase=JobPhase.DONE,
+                message=f"{succeeded} of {len(children)} node(s) succeeded: {outcome}"[:4000],
+                error="" if status == JobStatus.SUCCEEDED else outcome[:4000],
+                finished_at=timezone.now(),
+                percent=100.0,
+            )

@@ -677,10 +677,9 @@ def reconcile(node: Node | None = None) -> ReconcileReport:
 
 
 def _mark_interrupted(job_id: str, message: str) -> None:
-    with contextlib.suppress(ValueError):
-        UpgradeJob.objects.filter(pk=int(job_id), status__in=JobStatus.ACTIVE).update(
-            status=JobStatus.INTERRUPTED, error=message, finished_at=timezone.now()
-        )
+    with contextlib.suppress(ValueError, UpgradeJob.DoesNotExist):
+        job = UpgradeJob.objects.get(pk=int(job_id), status__in=JobStatus.ACTIVE)
+        job.fail(message, status=JobStatus.INTERRUPTED)
 
 
 def _recover(journal: layout.Journal, state: layout.StateDirs, record: layout.JournalRecord) -> str:

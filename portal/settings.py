@@ -189,7 +189,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["backends_app.api.permissions.PortalPermission"],
     "DEFAULT_PAGINATION_CLASS": "backends_app.api.pagination.PortalPagination",
     # JSON bodies only: form encoding would read a blank field as an absent one.
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["backends_app.api.parsers.JSONBodyParser"],
     "PAGE_SIZE": 100,
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "backends_app.api.errors.exception_handler",
@@ -232,6 +232,9 @@ PORTAL_STATE_PATH = Path(
     env_str("PORTAL_STATE_PATH", str(PORTAL_BACKENDS_PATH.parent / f".{PORTAL_BACKENDS_PATH.name}-portal"))
 ).resolve()
 PORTAL_NODE_NAME = env_str("PORTAL_NODE_NAME", socket.gethostname() or "local")
+# The django-q2 cluster that runs this node's jobs ("" = the default workers); `manage.py worker
+# --node NAME` sets it to NAME.
+PORTAL_NODE_QUEUE = env_str("PORTAL_NODE_QUEUE")
 PORTAL_CAPABILITY = env_str("PORTAL_CAPABILITY") or env_str("LOCALAI_FORCE_META_BACKEND_CAPABILITY")
 _ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(
     platform.machine().lower(), platform.machine().lower()

@@ -338,6 +338,22 @@ class Backend(models.Model):
     def release_hold(self) -> None:
         self.hold(version="", digest="", reason="")
 
+    def operate(
+        self, kind: str, *, node: Node | None = None, requested_by: str = "", force: bool = False
+    ) -> tuple[UpgradeJob, bool]:
+        """Queue an operation the way the admin, the API and the pages ask for one.
+
+        On a named node: that node. In distributed mode (nodes served by their own workers): a
+        fan-out to every node that has the backend, or for an install to every online worker node.
+        Otherwise: the local node. Returns (job, created) like `request`.
+        """
+        if node is not None or not Node.objects.exclude(queue="").exists():
+            return self.request(kind, node=node, requested_by=requested_by, force=force)
+        nodes = None
+        if kind == JobKind.INSTALL:
+            nodes = [n for n in Node.objects.exclude(queue="") if n.online]
+        return self.request_everywhere(kind, nodes=nodes, requested_by=requested_by, force=force)
+
     def current_versions(self) -> list[InstalledVersion]:
         """This backend's live version on each node (prefetch `installed` to avoid a query)."""
         return [row for row in self.installed.all() if row.state == InstalledVersion.State.CURRENT]
@@ -770,6 +786,9 @@ class UpgradeJob(models.Model):
         for key, value in fields.items():
             setattr(self, key, value)
         UpgradeJob.objects.filter(pk=self.pk).update(**fields)
+        from backends_app import live  # Channels is only loaded once a job changes
+
+        live.job_changed(self, list(fields))
 
     def start(self) -> bool:
         """Move a queued job to running; False when it is no longer queued (cancelled meanwhile)."""

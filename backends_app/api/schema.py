@@ -1,0 +1,58 @@
+"""OpenAPI schema additions: the auth errors every protected operation can answer, the Bearer scheme."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
+
+AUTH_ERRORS = {
+    "401": "Not signed in: send `Authorization: Token <key>` (or `Bearer <key>`), or use a session.",
+    "403": "Signed in without the permission this needs (or, with a session, without the CSRF token).",
+}
+
+
+PAGE_ERRORS = {
+    "400": "A malformed filter or page size; the body names the parameter.",
+    "404": "No such page.",
+}
+
+
+class BearerTokenScheme(OpenApiAuthenticationExtension):
+    target_class = "backends_app.api.authentication.BearerTokenAuthentication"
+    name = "bearerAuth"
+
+    def get_security_definition(self, auto_schema: Any) -> dict[str, str]:
+        return {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "A portal token, as LocalAI clients send it.",
+        }
+
+
+def document_auth_errors(
+    result: dict[str, Any], generator: Any, request: Any, public: bool
+) -> dict[str, Any]:
+    """Add 401 and 403 to every operation that requires authentication (all but the schema itself).
+
+    The LocalAI routes answer them in LocalAI's error envelope, the others with `{"detail": ...}`.
+    """
+    for route, path_item in result.get("paths", {}).items():
+        body = "LocalAIError" if not route.startswith("/api/") else "Error"
+        for operation in path_item.values():
+            if not isinstance(operation, dict) or "responses" not in operation:
+                continue
+            if operation.get("security") == [{}]:  # open to anonymous users
+                continue
+            if any(parameter.get("name") == "page_size" for parameter in operation.get("parameters", [])):
+                operation["responses"].setdefault("400", _error_response(PAGE_ERRORS["400"], None))
+                operation["responses"].setdefault("404", _error_response(PAGE_ERRORS["404"], "Error"))
+            for code, description in AUTH_ERRORS.items():
+                operation["responses"].setdefault(code, _error_response(description, body))
+    return result
+
+
+def _error_response(description: str, component: str | None) -> dict[str, Any]:
+    """A JSON error response: the named component, or any object (DRF's field-keyed messages)."""
+    schema = {"$ref": f"#/components/schemas/{component}"} if component else {"type": "object"}
+    return {"description": description, "content": {"application/json": {"schema": schema}}}

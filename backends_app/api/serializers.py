@@ -1,0 +1,446 @@
+"""What the API shows and accepts. Serializers read rows and validate input; they change nothing."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections import defaultdict
+from typing import Any
+
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.core.validators import ProhibitNullCharactersValidator
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+from rest_framework.reverse import reverse
+
+from backends_app import gallery as gallery_index
+from backends_app.models import (
+    Backend,
+    Gallery,
+    InstalledVersion,
+    JobKind,
+    JobStatus,
+    Node,
+    PortalSettings,
+    UpgradeJob,
+)
+
+NAME_MAX_LENGTH = 255
+
+# The JSON type each kind of field takes in a request body; DRF alone would read 12 as "12" and "true" as
+# True, so a client's type mistake would go unnoticed.
+JSON_TYPES: list[tuple[type[serializers.Field], tuple[type, ...], str]] = [
+    (serializers.BooleanField, (bool,), "a boolean"),
+    (serializers.IntegerField, (int,), "a whole number"),
+    (serializers.FloatField, (int, float), "a number"),
+    (serializers.CharField, (str,), "a string"),
+    (serializers.TimeField, (str,), "a string (HH:MM[:SS])"),
+]
+
+
+class JsonBodySerializer(serializers.Serializer):
+    """A request body whose values must already have the JSON type of their field."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, dict):
+            errors = {}
+            for name, field in self.fields.items():
+                if field.read_only or name not in data or (data[name] is None and field.allow_null):
+                    continue
+                value = data[name]
+                for field_class, json_types, described in JSON_TYPES:
+                    if isinstance(field, field_class):
+                        if not isinstance(value, json_types) or (
+                            bool not in json_types and isinstance(value, bool)
+                        ):
+                            errors[name] = [f"Must be {described}."]
+                        break
+            if errors:
+                raise serializers.ValidationError(errors)
+        return super().to_internal_value(data)
+
+
+def backend_ref(backend: Backend) -> str:
+    """The name that addresses one backend whatever other galleries hold: `gallery@name`."""
+    return f"{backend.gallery.name}@{backend.name}"
+
+
+class InstalledOnNodeSerializer(serializers.Serializer):
+    """The current version of a backend on one node, and how many older ones are kept for rollback."""
+
+    node = serializers.CharField()
+    version = serializers.CharField()
+    digest = serializers.CharField()
+    installed_at = serializers.DateTimeField(allow_null=True)
+    state = serializers.CharField()
+    kept_versions = serializers.IntegerField()
+    problem = serializers.CharField()
+
+
+class BackendSerializer(serializers.ModelSerializer):
+    """A gallery entry with what is installed where, what the last check found, and the operator's holds.
+
+    Expects the queryset of `BackendViewSet.get_queryset()` (installed rows and active jobs prefetched),
+    so a page of backends costs the same few queries whatever its length.
+    """
+
+    ref = serializers.SerializerMethodField(help_text="`gallery@name`: addresses this entry unambiguously.")
+    url = serializers.SerializerMethodField()
+    gallery = serializers.CharField(source="gallery.name")
+    declared_version = serializers.CharField(source="version", help_text="The gallery entry's `version`.")
+    installed = serializers.SerializerMethodField()
+    active_job = serializers.SerializerMethodField(help_text="Id of a queued or running job, else null.")
+
+    class Meta:
+        model = Backend
+        fields = [
+            "ref",
+            "url",
+            "name",
+            "gallery",
+            "is_meta",
+            "uri",
+            "mirrors",
+            "declared_version",
+            "alias",
+            "gone",
+            "installed",
+            "available_version",
+            "latest_digest",
+            "upgrade_available",
+            "upgrade_reason",
+            "pinned",
+            "held_version",
+            "held_digest",
+            "held_reason",
+            "last_checked_at",
+            "last_error",
+            "active_job",
+        ]
+        read_only_fields = fields
+
+    def get_ref(self, backend: Backend) -> str:
+        return backend_ref(backend)
+
+    def get_url(self, backend: Backend) -> str:
+        return reverse(
+            "api:backend-detail", kwargs={"name": backend_ref(backend)}, request=self.context.get("request")
+        )
+
+    @extend_schema_field(InstalledOnNodeSerializer(many=True))
+    def get_installed(self, backend: Backend) -> list[dict[str, Any]]:
+        rows = _prefetched(backend, "installed_rows", lambda: backend.installed.select_related("node"))
+        kept: dict[int, int] = defaultdict(int)
+        for row in rows:
+            if row.state == InstalledVersion.State.KEPT:
+                kept[row.node_id] += 1
+        return [
+            {
+                "node": row.node.name,
+                "version": row.version,
+                "digest": row.digest,
+                "installed_at": row.installed_at,
+                "state": row.state,
+                "kept_versions": kept[row.node_id],
+                "problem": row.problem,
+            }
+            for row in rows
+            if row.state == InstalledVersion.State.CURRENT
+        ]
+
+    @extend_schema_field(serializers.IntegerField(allow_null=True))
+    def get_active_job(self, backend: Backend) -> int | None:
+        jobs = _prefetched(
+            backend, "active_jobs", lambda: backend.jobs.filter(status__in=JobStatus.ACTIVE).order_by("-id")
+        )
+        return jobs[0].pk if jobs else None
+
+
+def _prefetched(obj: Any, attr: str, fallback: Any) -> list[Any]:
+    found = getattr(obj, attr, None)
+    return list(found if found is not None else fallback())
+
+
+class UpgradeJobSerializer(serializers.ModelSerializer):
+    """One job: what it does, where it is, and how it ended."""
+
+    url = serializers.SerializerMethodField()
+    backend = serializers.SerializerMethodField(help_text="The backend's name; null for a check.")
+    gallery = serializers.SerializerMethodField(help_text="The backend's gallery; null for a check.")
+    node = serializers.SerializerMethodField()
+    parent = serializers.PrimaryKeyRelatedField(read_only=True, allow_null=True)
+    children = serializers.SerializerMethodField()
+    duration_seconds = serializers.SerializerMethodField()
+
+    class Meta:
+        model = UpgradeJob
+        fields = [
+            "id",
+            "url",
+            "kind",
+            "status",
+            "phase",
+            "backend",
+            "gallery",
+            "node",
+            "force",
+            "cancel_requested",
+            "bytes_done",
+            "bytes_total",
+            "percent",
+            "message",
+            "error",
+            "from_version",
+            "from_digest",
+            "to_version",
+            "to_digest",
+            "source",
+            "requested_by",
+            "created_at",
+            "started_at",
+            "finished_at",
+            "duration_seconds",
+            "parent",
+            "children",
+        ]
+        read_only_fields = fields
+
+    def get_url(self, job: UpgradeJob) -> str:
+        return reverse("api:job-detail", kwargs={"pk": job.pk}, request=self.context.get("request"))
+
+    @extend_schema_field(serializers.CharField(allow_null=True))
+    def get_backend(self, job: UpgradeJob) -> str | None:
+        return job.backend.name if job.backend else None
+
+    @extend_schema_field(serializers.CharField(allow_null=True))
+    def get_gallery(self, job: UpgradeJob) -> str | None:
+        return job.backend.gallery.name if job.backend else None
+
+    @extend_schema_field(serializers.CharField(allow_null=True))
+    def get_node(self, job: UpgradeJob) -> str | None:
+        return job.node.name if job.node else None
+
+    @extend_schema_field(serializers.ListField(child=serializers.IntegerField()))
+    def get_children(self, job: UpgradeJob) -> list[int]:
+        return sorted(child.pk for child in job.children.all())
+
+    @extend_schema_field(serializers.FloatField(allow_null=True))
+    def get_duration_seconds(self, job: UpgradeJob) -> float | None:
+        duration: dt.timedelta | None = job.duration
+        return round(duration.total_seconds(), 3) if duration is not None else None
+
+
+class ConflictSerializer(serializers.Serializer):
+    """409: `code` says why; `job` is the job already queued or running, when that is the reason."""
+
+    detail = serializers.CharField()
+    code = serializers.ChoiceField(choices=["active_job", "refused", "finished"])
+    job = UpgradeJobSerializer(required=False)
+
+
+class ErrorSerializer(serializers.Serializer):
+    detail = serializers.CharField()
+
+
+def node_named(value: str) -> Node:
+    node = Node.objects.filter(name=value).first()
+    if node is None:
+        raise serializers.ValidationError(f"no node named {value!r}")
+    return node
+
+
+class OperationRequestSerializer(JsonBodySerializer):
+    """The optional body of install, upgrade, rollback and uninstall."""
+
+    force = serializers.BooleanField(default=False, help_text="Upgrade even when the backend is pinned.")
+    node = serializers.CharField(
+        required=False, max_length=200, help_text="Name of the node to act on; default the portal's own node."
+    )
+
+    def validate_node(self, value: str) -> Node:
+        return node_named(value)
+
+
+class ApplyRequestSerializer(JsonBodySerializer):
+    """The optional body of "apply all upgrades"."""
+
+    node = serializers.CharField(
+        required=False,
+        max_length=200,
+        help_text="Name of the node to upgrade; default the portal's own node.",
+    )
+
+    def validate_node(self, value: str) -> Node:
+        return node_named(value)
+
+
+class SkippedBackendSerializer(serializers.Serializer):
+    backend = serializers.CharField(help_text="`gallery@name`")
+    reason = serializers.CharField()
+    job = serializers.IntegerField(allow_null=True, help_text="The job already active, if that is why.")
+
+
+class ApplyResultSerializer(serializers.Serializer):
+    jobs = UpgradeJobSerializer(many=True, help_text="Upgrade jobs queued by this request.")
+    skipped = SkippedBackendSerializer(many=True)
+
+
+class FilterText(serializers.CharField):
+    """A name or search term from the query string. Any text is accepted: one holding characters no name
+    can hold (NUL) simply matches nothing, as any other unknown name does."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(required=False, allow_blank=True, **kwargs)
+        self.validators = [v for v in self.validators if not isinstance(v, ProhibitNullCharactersValidator)]
+
+
+class BackendFilterSerializer(serializers.Serializer):
+    """The query parameters of the backend list; malformed values are a 400, unknown names match nothing."""
+
+    upgrade_available = serializers.BooleanField(required=False)
+    installed = serializers.BooleanField(
+        required=False, help_text="Installed (current) on any node, or on `node` when given."
+    )
+    pinned = serializers.BooleanField(required=False)
+    node = FilterText(max_length=200)
+    gallery = FilterText(max_length=100)
+    search = FilterText(max_length=NAME_MAX_LENGTH, help_text="Part of the name.")
+
+
+class JobFilterSerializer(serializers.Serializer):
+    """The query parameters of the job list."""
+
+    status = serializers.ChoiceField(
+        choices=[*JobStatus.values, "active", "finished"],
+        required=False,
+        help_text="A status, or `active` (queued or running) or `finished` (any end state).",
+    )
+    kind = serializers.ChoiceField(choices=JobKind.values, required=False)
+    backend = FilterText(max_length=NAME_MAX_LENGTH + 101, help_text="Name or gallery@name.")
+
+
+@extend_schema_field(
+    {
+        "type": "string",
+        "nullable": True,
+        "pattern": r"^([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]{1,6})?)?$",
+        "example": "22:00",
+    }
+)
+class ServerTime(serializers.TimeField):
+    """A time of day on the server's clock, "HH:MM[:SS]".
+
+    DRF would silently drop an offset ("Z", "+02:00"); it is refused instead, so nobody mistakes the
+    window for UTC.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(required=False, allow_null=True, **kwargs)
+
+    def to_internal_value(self, value: Any) -> Any:
+        if isinstance(value, str) and re.search(r"[zZ]|[+-]\d{2}:?\d{2}$", value):
+            self.fail("offset")
+        return super().to_internal_value(value)
+
+    default_error_messages = {
+        **serializers.TimeField.default_error_messages,
+        "offset": "Give the time without a UTC offset: the window is on the server's clock (TIME_ZONE).",
+    }
+
+
+class PortalSettingsSerializer(JsonBodySerializer, serializers.ModelSerializer):
+    """The operator's runtime settings, checked with the model's own validators before anything is saved."""
+
+    maintenance_window_start = ServerTime(
+        help_text="Automatic upgrades only start inside the window (server time). Set both ends or neither."
+    )
+    maintenance_window_end = ServerTime(help_text="End of the maintenance window (server time).")
+
+    class Meta:
+        model = PortalSettings
+        fields = [
+            "auto_upgrade_backends",
+            "check_interval_minutes",
+            "maintenance_window_start",
+            "maintenance_window_end",
+            "versions_kept",
+            "health_check_command",
+            "health_check_timeout",
+            "last_check_at",
+            "updated_at",
+        ]
+        read_only_fields = ["last_check_at", "updated_at"]
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        start = attrs.get(
+            "maintenance_window_start", getattr(self.instance, "maintenance_window_start", None)
+        )
+        end = attrs.get("maintenance_window_end", getattr(self.instance, "maintenance_window_end", None))
+        if (start is None) != (end is None):
+            raise serializers.ValidationError(
+                {"maintenance_window_start": "set both ends of the maintenance window, or neither"}
+            )
+        if start is not None and start == end:
+            raise serializers.ValidationError(
+                {"maintenance_window_end": "the maintenance window must not start and end at the same time"}
+            )
+        # The model's validators (and its clean(), if it grows one) decide, as in the admin.
+        candidate = PortalSettings(**{**self._current_values(), **attrs})
+        try:
+            candidate.full_clean(exclude=["id"])
+        except DjangoValidationError as exc:
+            raise serializers.ValidationError(exc.message_dict) from exc
+        return attrs
+
+    def _current_values(self) -> dict[str, Any]:
+        if self.instance is None:
+            return {}
+        names = [f for f in self.Meta.fields if f not in self.Meta.read_only_fields]
+        return {name: getattr(self.instance, name) for name in names}
+
+
+class GallerySerializer(JsonBodySerializer, serializers.ModelSerializer):
+    """A gallery index the portal follows. Only name, url and enabled are written."""
+
+    class Meta:
+        model = Gallery
+        fields = [
+            "name",
+            "url",
+            "enabled",
+            "entry_count",
+            "last_synced_at",
+            "last_attempt_at",
+            "last_error",
+        ]
+        read_only_fields = ["entry_count", "last_synced_at", "last_attempt_at", "last_error"]
+
+    def validate_url(self, value: str) -> str:
+        try:
+            gallery_index.resolve_url(value)
+        except gallery_index.GalleryError as exc:
+            raise serializers.ValidationError(str(exc)) from exc
+        except ValueError as exc:  # urllib's own complaint, e.g. "https://[::1"
+            raise serializers.ValidationError(f"not a valid URL: {exc}") from exc
+        return value.strip()
+
+
+class SyncRequestSerializer(JsonBodySerializer):
+    force = serializers.BooleanField(
+        default=False, help_text="Fetch and compare even if the ETag is unchanged."
+    )
+
+
+class SyncResultSerializer(serializers.Serializer):
+    """What one gallery sync did."""
+
+    gallery = serializers.CharField()
+    ok = serializers.BooleanField()
+    summary = serializers.CharField()
+    error = serializers.CharField()
+    not_modified = serializers.BooleanField()
+    total = serializers.IntegerField()
+    created = serializers.IntegerField()
+    updated = serializers.IntegerField()
+    gone = serializers.IntegerField()
+    duplicates = serializers.ListField(child=serializers.CharField())

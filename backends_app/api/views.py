@@ -1,0 +1,554 @@
+"""The REST API under /api/: viewsets that read rows and call the model verbs, nothing more.
+
+Status codes, the same everywhere:
+- 202 a job was queued (the body is the job; `Location` is its URL);
+- 409 nothing was queued because of the backend's state: `code` is `active_job` (the job already queued
+  or running on that node comes back in `job`) or `refused` (the verb said no: pinned, not installed,
+  nothing to roll back to, gone from its gallery, ...), or `finished` when cancelling a finished job;
+- 400 malformed input, an unknown node in a body, or an ambiguous backend name;
+- 404 no such backend, job or gallery.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db.models import Prefetch, QuerySet
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import (
+    OpenApiExample,
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_view,
+)
+from rest_framework import exceptions, mixins, serializers, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from backends_app.api import serializers as api
+from backends_app.api.errors import AmbiguousName
+from backends_app.api.permissions import OPERATE_BACKEND
+from backends_app.models import (
+    Backend,
+    Gallery,
+    InstalledVersion,
+    JobKind,
+    JobStatus,
+    Node,
+    OperationRefused,
+    PortalSettings,
+    SyncResult,
+    UpgradeJob,
+)
+
+
+def requested_by(request: Request) -> str:
+    return f"api:{request.user.get_username()}"
+
+
+def lookup_text(value: str) -> str:
+    """A name from the URL; characters no name can hold (NUL) make it a plain 404, not a database error."""
+    if "\x00" in value:
+        raise exceptions.NotFound("no such name")
+    return value
+
+
+def clean_filters(serializer_class: type[serializers.Serializer], request: Request) -> dict[str, Any] | None:
+    """The valid query parameters (a 400 otherwise); None when a value can match nothing (holds NUL)."""
+    # A plain dict: with a QueryDict, DRF reads a missing boolean as False.
+    params = serializer_class(data=request.query_params.dict())
+    params.is_valid(raise_exception=True)
+    values = {key: value for key, value in params.validated_data.items() if value != ""}
+    if any(isinstance(value, str) and "\x00" in value for value in values.values()):
+        return None
+    return values
+
+
+def job_response(job: UpgradeJob, request: Request, code: int = status.HTTP_200_OK) -> Response:
+    data = api.UpgradeJobSerializer(job, context={"request": request}).data
+    headers = {"Location": data["url"]} if code == status.HTTP_202_ACCEPTED else None
+    return Response(data, status=code, headers=headers)
+
+
+def active_job_conflict(job: UpgradeJob, request: Request, detail: str) -> Response:
+    data = api.UpgradeJobSerializer(job, context={"request": request}).data
+    return Response({"detail": detail, "code": "active_job", "job": data}, status=status.HTTP_409_CONFLICT)
+
+
+def refused(exc: OperationRefused) -> Response:
+    return Response({"detail": str(exc), "code": "refused"}, status=status.HTTP_409_CONFLICT)
+
+
+def backends_with_details() -> QuerySet[Backend]:
+    """Visible backends with what the serializer shows prefetched: a fixed number of queries a page."""
+    return (
+        Backend.objects.visible()
+        .select_related("gallery")
+        .prefetch_related(
+            Prefetch(
+                "installed",
+                queryset=InstalledVersion.objects.select_related("node").order_by(
+                    "node__name", "-installed_at"
+                ),
+                to_attr="installed_rows",
+            ),
+            Prefetch(
+                "jobs",
+                queryset=UpgradeJob.objects.filter(status__in=JobStatus.ACTIVE).order_by("-id"),
+                to_attr="active_jobs",
+            ),
+        )
+    )
+
+
+def filter_backends(queryset: QuerySet[Backend], filters: dict[str, Any]) -> QuerySet[Backend]:
+    for flag in ("upgrade_available", "pinned"):
+        if flag in filters:
+            queryset = queryset.filter(**{flag: filters[flag]})
+    if "gallery" in filters:
+        queryset = queryset.filter(gallery__name=filters["gallery"])
+    if "search" in filters:
+        queryset = queryset.filter(name__icontains=filters["search"])
+    node: Node | None = None
+    if "node" in filters:
+        node = Node.objects.filter(name=filters["node"]).first()
+        if node is None:
+            return queryset.none()
+    installed = filters.get("installed", True if node else None)
+    if installed is not None:
+        on_node = Backend.objects.all().installed_on(node).values("pk")
+        queryset = queryset.filter(pk__in=on_node) if installed else queryset.exclude(pk__in=on_node)
+    return queryset
+
+
+ERRORS = {
+    400: OpenApiResponse(OpenApiTypes.OBJECT, description="Malformed input; the body says which field."),
+    404: OpenApiResponse(api.ErrorSerializer, description="No such backend."),
+}
+OPERATION_RESPONSES = {
+    202: OpenApiResponse(api.UpgradeJobSerializer, description="Queued; the body is the new job."),
+    409: OpenApiResponse(
+        api.ConflictSerializer,
+        description="Nothing queued: `active_job` (that job comes back in `job`) or `refused` (pinned, "
+        "not installed, nothing to roll back to, gone from the gallery).",
+    ),
+    400: OpenApiResponse(
+        OpenApiTypes.OBJECT, description="Malformed body, unknown node, or a name found in several galleries."
+    ),
+    404: ERRORS[404],
+}
+BACKEND_NAME = OpenApiParameter(
+    "name",
+    OpenApiTypes.STR,
+    OpenApiParameter.PATH,
+    description="The backend's name, or `gallery@name` when several galleries hold that name.",
+    examples=[
+        OpenApiExample("By name", value="cpu-llama-cpp"),
+        OpenApiExample("With its gallery", value="localai@cpu-llama-cpp"),
+    ],
+)
+BACKEND_FILTERS = [
+    OpenApiParameter("upgrade_available", OpenApiTypes.BOOL, description="Flagged by the last check."),
+    OpenApiParameter("installed", OpenApiTypes.BOOL, description="Installed on any node (or on `node`)."),
+    OpenApiParameter("pinned", OpenApiTypes.BOOL),
+    OpenApiParameter("node", OpenApiTypes.STR, description="Installed on the node of this name."),
+    OpenApiParameter("gallery", OpenApiTypes.STR, description="In the gallery of this name."),
+    OpenApiParameter("search", OpenApiTypes.STR, description="Part of the backend's name."),
+]
+
+
+@extend_schema_view(
+    list=extend_schema(
+        summary="List backends",
+        parameters=BACKEND_FILTERS,
+        responses={200: api.BackendSerializer(many=True), 400: ERRORS[400]},
+    ),
+    retrieve=extend_schema(
+        summary="One backend",
+        parameters=[BACKEND_NAME],
+        responses={200: api.BackendSerializer, 400: ERRORS[400], 404: ERRORS[404]},
+    ),
+)
+@extend_schema(tags=["backends"])
+class BackendViewSet(viewsets.ReadOnlyModelViewSet):
+    """Gallery entries (first occurrence of each name), addressed by name or `gallery@name`."""
+
+    serializer_class = api.BackendSerializer
+    lookup_field = "name"
+    lookup_value_regex = r"[^/]+"
+    write_permission = OPERATE_BACKEND
+
+    def get_queryset(self) -> QuerySet[Backend]:
+        queryset = backends_with_details()
+        if self.action == "list":
+            filters = clean_filters(api.BackendFilterSerializer, self.request)
+            queryset = queryset.none() if filters is None else filter_backends(queryset, filters)
+        return queryset
+
+    def get_object(self) -> Backend:
+        name = lookup_text(self.kwargs["name"])
+        try:
+            found = Backend.objects.lookup(name)
+        except Backend.DoesNotExist as exc:
+            raise exceptions.NotFound(str(exc)) from None
+        except Backend.MultipleObjectsReturned as exc:
+            raise AmbiguousName(str(exc)) from None
+        return backends_with_details().get(pk=found.pk)
+
+    def _operate(self, request: Request, kind: str) -> Response:
+        backend = self.get_object()
+        body = api.OperationRequestSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        node = body.validated_data.get("node")
+        try:
+            job, created = backend.request(
+                kind, node=node, requested_by=requested_by(request), force=body.validated_data["force"]
+            )
+        except OperationRefused as exc:
+            return refused(exc)
+        if not created:
+            return active_job_conflict(
+                job,
+                request,
+                f"{backend.name} already has job #{job.pk} ({job.kind}, {job.status}) on "
+                f"{job.node.name if job.node else 'its node'}; nothing new was queued",
+            )
+        return job_response(job, request, status.HTTP_202_ACCEPTED)
+
+    @extend_schema(
+        summary="Install the backend",
+        parameters=[BACKEND_NAME],
+        request=api.OperationRequestSerializer,
+        responses=OPERATION_RESPONSES,
+    )
+    @action(detail=True, methods=["post"])
+    def install(self, request: Request, name: str) -> Response:
+        return self._operate(request, JobKind.INSTALL)
+
+    @extend_schema(
+        summary="Upgrade the backend",
+        description='`{"force": true}` upgrades a pinned backend.',
+        parameters=[BACKEND_NAME],
+        request=api.OperationRequestSerializer,
+        responses=OPERATION_RESPONSES,
+    )
+    @action(detail=True, methods=["post"])
+    def upgrade(self, request: Request, name: str) -> Response:
+        return self._operate(request, JobKind.UPGRADE)
+
+    @extend_schema(
+        summary="Roll back to the newest kept version",
+        parameters=[BACKEND_NAME],
+        request=api.OperationRequestSerializer,
+        responses=OPERATION_RESPONSES,
+    )
+    @action(detail=True, methods=["post"])
+    def rollback(self, request: Request, name: str) -> Response:
+        return self._operate(request, JobKind.ROLLBACK)
+
+    @extend_schema(
+        summary="Uninstall the backend",
+        parameters=[BACKEND_NAME],
+        request=api.OperationRequestSerializer,
+        responses=OPERATION_RESPONSES,
+    )
+    @action(detail=True, methods=["post"])
+    def uninstall(self, request: Request, name: str) -> Response:
+        return self._operate(request, JobKind.UNINSTALL)
+
+    @extend_schema(
+        summary="Pin: never upgrade automatically",
+        parameters=[BACKEND_NAME],
+        request=None,
+        responses={200: api.BackendSerializer, 400: ERRORS[400], 404: ERRORS[404]},
+    )
+    @action(detail=True, methods=["post"])
+    def pin(self, request: Request, name: str) -> Response:
+        self.get_object().pin()
+        return Response(self.get_serializer(self.get_object()).data)
+
+    @extend_schema(
+        summary="Unpin",
+        parameters=[BACKEND_NAME],
+        request=None,
+        responses={200: api.BackendSerializer, 400: ERRORS[400], 404: ERRORS[404]},
+    )
+    @action(detail=True, methods=["post"])
+    def unpin(self, request: Request, name: str) -> Response:
+        self.get_object().unpin()
+        return Response(self.get_serializer(self.get_object()).data)
+
+
+@extend_schema_view(
+    list=extend_schema(
+        summary="Backends the last check flagged",
+        description="Pinned ones included (see `pinned`); `apply` skips them.",
+        responses={200: api.BackendSerializer(many=True), 400: ERRORS[400]},
+    )
+)
+@extend_schema(tags=["upgrades"])
+class UpgradeViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
+    """What the last check found, a new check, and "upgrade everything flagged"."""
+
+    serializer_class = api.BackendSerializer
+    write_permission = OPERATE_BACKEND
+
+    def get_queryset(self) -> QuerySet[Backend]:
+        return backends_with_details().filter(upgrade_available=True)
+
+    @extend_schema(
+        summary="Check for upgrades now",
+        request=None,
+        responses={
+            202: OpenApiResponse(api.UpgradeJobSerializer, description="A check job was queued."),
+            409: OpenApiResponse(
+                api.ConflictSerializer, description="A check is already queued or running: `job` is that one."
+            ),
+        },
+    )
+    @action(detail=False, methods=["post"])
+    def check(self, request: Request) -> Response:
+        job, created = UpgradeJob.request_check(requested_by=requested_by(request))
+        if not created:
+            return active_job_conflict(
+                job, request, f"check #{job.pk} is already {job.status}; nothing new was queued"
+            )
+        return job_response(job, request, status.HTTP_202_ACCEPTED)
+
+    @extend_schema(
+        summary="Upgrade every flagged backend",
+        description="Queues an upgrade of each backend flagged and not pinned. 202 when at least one job "
+        "was queued, 200 when none was; `skipped` lists the others with the reason.",
+        request=api.ApplyRequestSerializer,
+        responses={
+            202: api.ApplyResultSerializer,
+            200: api.ApplyResultSerializer,
+            400: ERRORS[400],
+        },
+    )
+    @action(detail=False, methods=["post"])
+    def apply(self, request: Request) -> Response:
+        body = api.ApplyRequestSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        node = body.validated_data.get("node")
+        jobs: list[UpgradeJob] = []
+        skipped: list[dict[str, Any]] = []
+        for backend in Backend.objects.all().upgradable().select_related("gallery"):
+            ref = api.backend_ref(backend)
+            try:
+                job, created = backend.request(JobKind.UPGRADE, node=node, requested_by=requested_by(request))
+            except OperationRefused as exc:
+                skipped.append({"backend": ref, "reason": str(exc), "job": None})
+                continue
+            if created:
+                jobs.append(job)
+            else:
+                reason = f"job #{job.pk} ({job.kind}) is already {job.status}"
+                skipped.append({"backend": ref, "reason": reason, "job": job.pk})
+        data = {
+            "jobs": api.UpgradeJobSerializer(jobs, many=True, context={"request": request}).data,
+            "skipped": skipped,
+        }
+        return Response(data, status=status.HTTP_202_ACCEPTED if jobs else status.HTTP_200_OK)
+
+
+JOB_ID = OpenApiParameter("id", OpenApiTypes.INT, OpenApiParameter.PATH, description="The job's id.")
+
+
+@extend_schema_view(
+    list=extend_schema(
+        summary="Jobs, newest first",
+        parameters=[
+            OpenApiParameter(
+                "status",
+                OpenApiTypes.STR,
+                enum=[*JobStatus.values, "active", "finished"],
+                description="A status, or `active` (queued or running), or `finished` (any end state).",
+            ),
+            OpenApiParameter("kind", OpenApiTypes.STR, enum=JobKind.values),
+            OpenApiParameter("backend", OpenApiTypes.STR, description="Backend name or gallery@name."),
+        ],
+        responses={200: api.UpgradeJobSerializer(many=True), 400: ERRORS[400]},
+    ),
+    retrieve=extend_schema(
+        summary="One job",
+        parameters=[JOB_ID],
+        responses={200: api.UpgradeJobSerializer, 404: OpenApiResponse(api.ErrorSerializer)},
+    ),
+)
+@extend_schema(tags=["jobs"])
+class UpgradeJobViewSet(viewsets.ReadOnlyModelViewSet):
+    """Every operation and check, with live progress and how it ended."""
+
+    serializer_class = api.UpgradeJobSerializer
+    lookup_value_regex = r"[^/]+"
+    write_permission = OPERATE_BACKEND
+
+    def get_queryset(self) -> QuerySet[UpgradeJob]:
+        queryset = UpgradeJob.objects.select_related("backend__gallery", "node").prefetch_related(
+            Prefetch("children", queryset=UpgradeJob.objects.only("id", "parent_id"))
+        )
+        if self.action != "list":
+            return queryset
+        filters = clean_filters(api.JobFilterSerializer, self.request)
+        if filters is None:
+            return queryset.none()
+        wanted = filters.get("status")
+        if wanted == "active":
+            queryset = queryset.filter(status__in=JobStatus.ACTIVE)
+        elif wanted == "finished":
+            queryset = queryset.filter(status__in=JobStatus.FINISHED)
+        elif wanted:
+            queryset = queryset.filter(status=wanted)
+        if "kind" in filters:
+            queryset = queryset.filter(kind=filters["kind"])
+        if "backend" in filters:
+            gallery_name, _, name = filters["backend"].rpartition("@")
+            queryset = queryset.filter(backend__name=name)
+            if gallery_name:
+                queryset = queryset.filter(backend__gallery__name=gallery_name)
+        return queryset.order_by("-created_at", "-id")
+
+    def get_object(self) -> UpgradeJob:
+        raw = self.kwargs["pk"]
+        if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
+            raise exceptions.NotFound(f"no job with id {raw!r}")
+        try:
+            return self.get_queryset().get(pk=int(raw))
+        except UpgradeJob.DoesNotExist:
+            raise exceptions.NotFound(f"no job with id {raw}") from None
+
+    @extend_schema(
+        summary="Cancel the job",
+        description="A queued job is cancelled at once (200). A running one is asked to stop at its next "
+        "safe point (202; watch its status). A finished job cannot be cancelled (409).",
+        parameters=[JOB_ID],
+        request=None,
+        responses={
+            200: OpenApiResponse(api.UpgradeJobSerializer, description="Cancelled."),
+            202: OpenApiResponse(api.UpgradeJobSerializer, description="Asked to stop; still running."),
+            404: OpenApiResponse(api.ErrorSerializer),
+            409: OpenApiResponse(api.ConflictSerializer, description="Already finished."),
+        },
+    )
+    @action(detail=True, methods=["post"])
+    def cancel(self, request: Request, pk: str) -> Response:
+        job = self.get_object()
+        if job.status in JobStatus.FINISHED:
+            data = self.get_serializer(job).data
+            detail = f"job #{job.pk} already finished ({job.status}); nothing to cancel"
+            return Response(
+                {"detail": detail, "code": "finished", "job": data}, status=status.HTTP_409_CONFLICT
+            )
+        job.cancel(by=requested_by(request))
+        job = self.get_object()
+        if job.status in JobStatus.FINISHED:
+            return job_response(job, request)
+        return job_response(job, request, status.HTTP_202_ACCEPTED)
+
+
+@extend_schema(tags=["settings"])
+class PortalSettingsView(APIView):
+    """The operator's runtime settings: auto-upgrade, check interval, maintenance window, versions kept."""
+
+    write_permission = "backends_app.change_portalsettings"
+
+    @extend_schema(summary="The portal settings", responses={200: api.PortalSettingsSerializer})
+    def get(self, request: Request) -> Response:
+        return Response(api.PortalSettingsSerializer(PortalSettings.load()).data)
+
+    @extend_schema(
+        summary="Change some settings",
+        description="Only the fields sent change. Invalid input is a 400 and nothing is saved.",
+        request=api.PortalSettingsSerializer,
+        responses={200: api.PortalSettingsSerializer, 400: ERRORS[400]},
+    )
+    def patch(self, request: Request) -> Response:
+        serializer = api.PortalSettingsSerializer(PortalSettings.load(), data=request.data, partial=True)
+        serializer.is_valid(raise_exception=True)
+        serializer.save()
+        return Response(serializer.data)
+
+
+GALLERY_NAME = OpenApiParameter(
+    "name", OpenApiTypes.STR, OpenApiParameter.PATH, examples=[OpenApiExample("LocalAI's", value="localai")]
+)
+
+
+@extend_schema_view(
+    list=extend_schema(summary="Galleries followed"),
+    retrieve=extend_schema(
+        summary="One gallery",
+        parameters=[GALLERY_NAME],
+        responses={200: api.GallerySerializer, 404: OpenApiResponse(api.ErrorSerializer)},
+    ),
+    create=extend_schema(
+        summary="Follow a gallery",
+        description="The URL is checked (https://, http://, file:///absolute/path or "
+        "github:owner/repo/path@branch) but not fetched; sync it next.",
+        responses={201: api.GallerySerializer, 400: ERRORS[400]},
+    ),
+)
+@extend_schema(tags=["galleries"])
+class GalleryViewSet(
+    mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin, viewsets.GenericViewSet
+):
+    """The gallery indexes the portal reads backends from."""
+
+    serializer_class = api.GallerySerializer
+    queryset = Gallery.objects.all()
+    lookup_field = "name"
+    lookup_value_regex = r"[^/]+"
+
+    def get_write_permission(self, request: Request) -> str:
+        return "backends_app.add_gallery" if self.action == "create" else "backends_app.change_gallery"
+
+    def get_object(self) -> Gallery:
+        name = lookup_text(self.kwargs["name"])
+        gallery = Gallery.objects.filter(name=name).first()
+        if gallery is None:
+            raise exceptions.NotFound(f"no gallery named {name!r}")
+        return gallery
+
+    @extend_schema(
+        summary="Sync the gallery now",
+        description="Fetches and stores the index inline. 200 with what changed; 502 when the gallery "
+        "could not be fetched or parsed (nothing changed; the error is recorded on the gallery).",
+        parameters=[GALLERY_NAME],
+        request=api.SyncRequestSerializer,
+        responses={
+            200: api.SyncResultSerializer,
+            400: ERRORS[400],
+            404: OpenApiResponse(api.ErrorSerializer),
+            502: OpenApiResponse(api.SyncResultSerializer, description="The sync failed; `error` says why."),
+        },
+    )
+    @action(detail=True, methods=["post"])
+    def sync(self, request: Request, name: str) -> Response:
+        gallery = self.get_object()
+        body = api.SyncRequestSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        try:
+            result = gallery.sync(force=body.validated_data["force"])
+        except (
+            ValueError
+        ) as exc:  # a malformed URL stored by other means; urllib's complaint, not a GalleryError
+            result = SyncResult(
+                gallery=gallery.name, error=f"gallery URL {gallery.url!r} is malformed: {exc}"
+            )
+        data = {
+            "gallery": result.gallery,
+            "ok": result.ok,
+            "summary": result.summary(),
+            "error": result.error,
+            "not_modified": result.not_modified,
+            "total": result.total,
+            "created": result.created,
+            "updated": result.updated,
+            "gone": result.gone,
+            "duplicates": sorted(set(result.duplicates)),
+        }
+        return Response(data, status=status.HTTP_200_OK if result.ok else status.HTTP_502_BAD_GATEWAY)

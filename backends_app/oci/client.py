@@ -1,0 +1,883 @@
+"""Talking to OCI registries: connections, auth, retries, resolving tags and pulling images.
+
+Connections. One ``requests.Session`` (one connection pool) per registry host, created on first use.
+Every request has a (connect, read) timeout; connection errors, timeouts and 5xx answers are retried
+``retries`` times with exponential backoff; 429 and 503 honour ``Retry-After`` (seconds or an HTTP
+date) unless it asks for more than ``max_retry_wait``, which fails at once. A dead host therefore
+fails after at most ``(retries + 1) * (connect + read timeout)`` plus the backoff sleeps.
+
+Schemes. HTTPS with certificate verification, except for hosts in ``insecure_hosts`` and loopback
+hosts (``localhost``, 127.0.0.0/8, ``::1``; no configuration needed, as with Docker): for those
+HTTPS is tried first without certificate verification and, if the server does not speak TLS, plain
+HTTP is used and remembered for the life of the client.
+
+Auth. Anonymous bearer tokens (``WWW-Authenticate: Bearer realm=...,service=...,scope=...``, the
+quay.io / Docker Hub flow), Bearer tokens obtained with Basic credentials, and plain Basic auth.
+Credentials come from ``RegistryConfig.credentials`` (``{host: (user, password)}``) or the
+``auths`` of a docker ``config.json`` (``auth_file``; credential helpers are not supported).
+Credentials never appear in log lines or exception messages, and are never sent over plain HTTP to
+a host that is not loopback or marked insecure.
+
+Threads. A :class:`RegistryClient` may be shared by the threads of a pool: the host table, the
+token cache and the request counters are guarded by locks, and ``requests`` sessions are safe for
+concurrent requests that do not change session state (we never do; each call has its own
+response). The pool keeps up to :data:`POOL_SIZE` connections per host; more threads would wait.
+
+Request budget (see :attr:`RegistryClient.request_counts`): ``head_digest`` costs one HEAD once a
+token is cached; ``resolve`` a HEAD and a GET (plus a GET for an index); ``pull`` one GET per
+layer. A first contact with a bearer-token registry adds the 401 and one token GET.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import contextlib
+import email.utils
+import functools
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import random
+import re
+import threading
+import time
+import urllib.parse
+import warnings
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import requests
+import urllib3
+
+from .errors import (
+    AllSourcesFailed,
+    AuthError,
+    DigestMismatch,
+    InvalidReference,
+    NotFound,
+    OCIError,
+    RegistryUnavailable,
+    UnsafeArchive,
+)
+from .manifest import (
+    INDEX_TYPES,
+    MANIFEST_ACCEPT,
+    MAX_MANIFEST_BYTES,
+    VERSION_ANNOTATION,
+    Descriptor,
+    Platform,
+    host_platform,
+    load_json,
+    media_type_of,
+    select_platform,
+)
+from .reference import DOCKER_HUB, Reference, parse_reference, validate_digest
+from .unpack import COPY_CHUNK, PROGRESS_INTERVAL, ProgressCallback, unpack_layers
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+POOL_SIZE = 8
+_RETRY_STATUSES = frozenset({500, 502, 503, 504})
+_CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
+_DOCKER_HUB_AUTH_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "registry-1.docker.io")
+
+
+@dataclass
+class RegistryConfig:
+    """How to reach registries. Defaults suit a public registry over the internet."""
+
+    insecure_hosts: Collection[str] = ()
+    """``host`` or ``host:port`` entries allowed to use plain HTTP and unverified TLS."""
+    timeout: float | tuple[float, float] = (5.0, 60.0)
+    """Seconds: one number for both, or (connect, read). Read is the longest silence allowed."""
+    retries: int = 3
+    """Retries after the first attempt, on connection errors, timeouts, 5xx and 429."""
+    backoff: float = 0.5
+    """First retry delay in seconds; doubles on every retry (with 10% jitter)."""
+    max_retry_wait: float = 60.0
+    """The longest single wait accepted (backoff or Retry-After); a longer Retry-After fails."""
+    credentials: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    """``{registry host: (username, password)}``; ``docker.io`` for Docker Hub."""
+    auth_file: str | os.PathLike[str] | None = None
+    """A docker ``config.json`` whose ``auths`` entries provide credentials."""
+    platform: str | None = None
+    """``os/arch[/variant]`` picked from multi-platform indexes; default: this machine's."""
+    progress_interval: float = PROGRESS_INTERVAL
+    """Minimum seconds between two progress callbacks during a pull."""
+    user_agent: str = "backend-portal-oci/1"
+
+    @property
+    def connect_read_timeout(self) -> tuple[float, float]:
+        if isinstance(self.timeout, tuple):
+            return self.timeout
+        return (float(self.timeout), float(self.timeout))
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a reference points to, for one platform."""
+
+    reference: Reference
+    """The reference as asked (with its tag); ``pinned`` has the digest."""
+    digest: str
+    """What the tag points to: the index digest for a multi-platform image, else the manifest's."""
+    index_digest: str | None
+    """The index digest, or None when the tag points directly at an image manifest."""
+    manifest_digest: str
+    """The image manifest for the platform: compare this one to tell an upgrade from a rebuild."""
+    media_type: str
+    """The image manifest's media type (OCI or Docker v2)."""
+    platform: str | None
+    """The platform chosen in the index (None for a single-platform manifest)."""
+    config: Descriptor
+    layers: tuple[Descriptor, ...]
+    annotations: Mapping[str, str]
+    """The index's annotations overlaid with the manifest's."""
+    source: str
+    """The reference string actually used (differs from the primary when a mirror served it)."""
+
+    @property
+    def version(self) -> str | None:
+        """``org.opencontainers.image.version`` from the manifest or index annotations."""
+        return self.annotations.get(VERSION_ANNOTATION)
+
+    @property
+    def total_compressed_size(self) -> int:
+        return sum(layer.size for layer in self.layers)
+
+    @property
+    def pinned(self) -> Reference:
+        """The reference pinned to the platform manifest digest (what a pull fetches)."""
+        return self.reference.with_digest(self.manifest_digest)
+
+
+@dataclass(frozen=True)
+class PullResult:
+    """The outcome of a pull: what was installed into ``dest`` and from where."""
+
+    reference: Reference
+    """Pinned to the manifest digest actually unpacked."""
+    source: str
+    digest: str
+    index_digest: str | None
+    manifest_digest: str
+    version: str | None
+    dest: Path
+    bytes_downloaded: int
+    size_on_disk: int
+    """Apparent size of the regular files in ``dest`` (hard links counted once)."""
+    files: int
+    resolved: Resolved
+
+
+@dataclass
+class _Host:
+    """Per registry host: its session, the scheme found to work, and auth state."""
+
+    name: str
+    session: requests.Session
+    relaxed: bool  # loopback or insecure: HTTP fallback and no certificate verification
+    scheme: str | None = None  # None until the first answer when relaxed, else "https"
+    auth_scheme: str | None = None  # "basic" or "bearer" once a 401 told us
+    bearer: dict[str, str] = field(default_factory=dict)  # realm, service from the challenge
+    tokens: dict[str, tuple[str, float]] = field(default_factory=dict)  # scope -> (token, expiry)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def is_loopback_host(host: str) -> bool:
+    """``localhost``, 127.0.0.0/8 or ``::1``, with or without a port."""
+    name = _strip_port(host)
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _strip_port(host: str) -> str:
+    if host.startswith("["):
+        return host[1 : host.index("]")] if "]" in host else host
+    if host.count(":") == 1:
+        return host.rsplit(":", 1)[0]
+    return host
+
+
+def _normalise_auth_key(key: str) -> str:
+    """``https://index.docker.io/v1/`` -> ``docker.io``; ``https://quay.io`` -> ``quay.io``."""
+    if "://" in key:
+        key = urllib.parse.urlsplit(key).netloc or key
+    key = key.split("/", 1)[0].lower()
+    if key in ("index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"):
+        return DOCKER_HUB
+    return key
+
+
+def _load_auth_file(path: str | os.PathLike[str]) -> dict[str, tuple[str, str]]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise OCIError(f"registry auth file {os.fspath(path)} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise OCIError(f"registry auth file {os.fspath(path)} is unreadable ({type(exc).__name__})") from None
+    found: dict[str, tuple[str, str]] = {}
+    auths = data.get("auths") if isinstance(data, dict) else None
+    for key, entry in (auths or {}).items():
+        if not isinstance(entry, dict):
+            continue
+        if entry.get("auth"):
+            try:
+                user, sep, password = base64.b64decode(entry["auth"]).decode().partition(":")
+            except (binascii.Error, UnicodeDecodeError, ValueError):
+                # Say which entry, never its content.
+                raise OCIError(f"registry auth file: entry {key!r} has a malformed 'auth' field") from None
+            if sep:
+                found[_normalise_auth_key(key)] = (user, password)
+        elif entry.get("username") and entry.get("password"):
+            found[_normalise_auth_key(key)] = (str(entry["username"]), str(entry["password"]))
+    return found
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
+    scheme, _, rest = header.strip().partition(" ")
+    params = {
+        m.group(1).lower(): (m.group(2) if m.group(2) is not None else m.group(3))
+        for m in _CHALLENGE_PARAM.finditer(rest)
+    }
+    return scheme.lower(), params
+
+
+def _registry_error(response: requests.Response) -> str:
+    """The registry's own error text (``{"errors": [{"code", "message"}]}``), short."""
+    try:
+        errors = response.json().get("errors") or []
+        parts = [
+            f"{e.get('code', '')}: {e.get('message', '')}".strip(": ") for e in errors if isinstance(e, dict)
+        ]
+        if parts:
+            return "; ".join(parts)[:300]
+    except ValueError:
+        pass
+    except AttributeError:
+        pass
+    return (response.reason or "")[:300]
+
+
+class RegistryClient:
+    """Registry operations for the rest of the portal. See the module docstring for behaviour."""
+
+    def __init__(
+        self, config: RegistryConfig | None = None, *, sleep: Callable[[float], None] = time.sleep
+    ) -> None:
+        self.config = config or RegistryConfig()
+        self._sleep = sleep
+        self._hosts: dict[str, _Host] = {}
+        self._lock = threading.Lock()
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._credentials = {_normalise_auth_key(k): v for k, v in self.config.credentials.items()}
+        if self.config.auth_file is not None:
+            for key, value in _load_auth_file(self.config.auth_file).items():
+                self._credentials.setdefault(key, value)
+        self._insecure = {h.lower() for h in self.config.insecure_hosts}
+
+    # -- lifecycle and counters ---------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            hosts, self._hosts = list(self._hosts.values()), {}
+        for host in hosts:
+            host.session.close()
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def request_counts(self) -> dict[str, int]:
+        """HTTP exchanges so far by method (``HEAD``, ``GET``, ...), 401s and token GETs included."""
+        with self._lock:
+            return dict(self._counts)
+
+    def reset_request_counts(self) -> None:
+        with self._lock:
+            self._counts.clear()
+
+    # -- public operations ----------------------------------------------------------------------
+
+    def head_digest(self, ref: str | Reference) -> str:
+        """The digest the tag points to now (an index digest for multi-platform images): one HEAD."""
+        reference = parse_reference(ref)
+        digest, _ = self._head_manifest(reference)
+        return digest
+
+    def resolve(self, ref: str | Reference, platform: str | None = None) -> Resolved:
+        """Resolve ``ref`` to its manifest for ``platform``, verifying every manifest's digest.
+
+        A tag costs one HEAD (the digest it points to) then GETs by digest: the index if it is one,
+        and the platform's manifest. A reference with a digest skips the HEAD.
+        """
+        reference = parse_reference(ref)
+        wanted = Platform.parse(platform or self.config.platform or host_platform())
+        where = str(reference)
+        if reference.digest:
+            digest = reference.digest
+        else:
+            digest, _ = self._head_manifest(reference)
+        top, media_type = self._get_manifest(reference, digest)
+        index_digest: str | None = None
+        chosen: str | None = None
+        annotations: dict[str, str] = {}
+        manifest, manifest_digest = top, digest
+        if media_type in INDEX_TYPES:
+            index_digest = digest
+            annotations.update(_annotations(top))
+            descriptor, found = select_platform(top, wanted, where)
+            annotations.update(descriptor.annotations or {})
+            chosen = str(found)
+            manifest_digest = descriptor.digest
+            manifest, media_type = self._get_manifest(reference, manifest_digest)
+            if media_type in INDEX_TYPES:
+                raise OCIError(f"{where}: nested index for {chosen} is not supported")
+        annotations.update(_annotations(manifest))
+        config = Descriptor.from_json(manifest.get("config"), f"{where} config")
+        layers = tuple(
+            Descriptor.from_json(layer, f"{where} layers[{i}]")
+            for i, layer in enumerate(manifest.get("layers") or [])
+        )
+        return Resolved(
+            reference=reference,
+            digest=digest,
+            index_digest=index_digest,
+            manifest_digest=manifest_digest,
+            media_type=media_type,
+            platform=chosen,
+            config=config,
+            layers=layers,
+            annotations=annotations,
+            # As the caller wrote it, so it compares equal to the gallery's own strings.
+            source=ref.strip() if isinstance(ref, str) else str(reference),
+        )
+
+    def fetch_config(self, resolved: Resolved) -> dict[str, Any]:
+        """The image config JSON (labels, platform, ...), digest-verified. One GET."""
+        body = self._get_blob_bytes(resolved.reference, resolved.config)
+        return load_json(body, f"{resolved.reference} config")
+
+    def pull(
+        self,
+        target: str | Reference | Resolved,
+        dest: str | os.PathLike[str],
+        platform: str | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> PullResult:
+        """Resolve (unless given a :class:`Resolved`), then stream, verify and unpack every layer.
+
+        ``platform`` only matters when resolving here (a :class:`Resolved` already chose one).
+        ``dest`` must not exist; it is created and, on any failure, removed again with everything in
+        it. Layers are fetched by digest from the resolved repository, one at a time, each read once.
+        """
+        resolved = target if isinstance(target, Resolved) else self.resolve(target, platform)
+        reference = resolved.reference
+        downloaded = [0]
+
+        def opener(descriptor: Descriptor) -> Iterable[bytes]:
+            return self._blob_chunks(reference, descriptor, downloaded)
+
+        stats = unpack_layers(
+            dest,
+            [(layer, functools.partial(opener, layer)) for layer in resolved.layers],
+            progress=progress,
+            progress_interval=self.config.progress_interval,
+        )
+        dest_path = Path(dest)
+        return PullResult(
+            reference=resolved.pinned,
+            source=resolved.source,
+            digest=resolved.digest,
+            index_digest=resolved.index_digest,
+            manifest_digest=resolved.manifest_digest,
+            version=resolved.version,
+            dest=dest_path,
+            bytes_downloaded=downloaded[0],
+            size_on_disk=tree_size(dest_path),
+            files=stats.files,
+            resolved=resolved,
+        )
+
+    def resolve_first(self, refs: Sequence[str | Reference], platform: str | None = None) -> Resolved:
+        """:meth:`resolve` the first reference that works (primary, then mirrors, in order)."""
+        return self._first(refs, lambda ref: self.resolve(ref, platform), "resolve")
+
+    def pull_first(
+        self,
+        refs: Sequence[str | Reference],
+        dest: str | os.PathLike[str],
+        platform: str | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> PullResult:
+        """:meth:`pull` from the first reference that works; ``result.source`` says which.
+
+        A source that fails for any reason but a hostile archive is skipped (``dest`` is cleaned
+        between attempts); a hostile archive stops everything, as the image itself is refused.
+        """
+        return self._first(refs, lambda ref: self.pull(ref, dest, platform, progress), "pull")
+
+    def _first(
+        self, refs: Sequence[str | Reference], action: Callable[[str | Reference], _T], verb: str
+    ) -> _T:
+        if not refs:
+            raise OCIError(f"nothing to {verb}: no references given")
+        errors: list[tuple[str, OCIError]] = []
+        for ref in refs:
+            try:
+                return action(ref)
+            except UnsafeArchive:
+                raise
+            except OCIError as exc:
+                log.warning("%s from %s failed: %s", verb, ref, exc)
+                errors.append((str(ref), exc))
+        summary = "; ".join(f"{source}: {exc}" for source, exc in errors)
+        raise AllSourcesFailed(f"{verb} failed from every source ({summary})", errors)
+
+    # -- manifests and blobs ------------------------------------------------------------------
+
+    def _head_manifest(self, ref: Reference) -> tuple[str, str | None]:
+        response = self._request(
+            "HEAD", ref, f"manifests/{ref.identifier}", headers={"Accept": MANIFEST_ACCEPT}, what="manifest"
+        )
+        response.close()
+        digest = response.headers.get("Docker-Content-Digest")
+        media_type = response.headers.get("Content-Type")
+        if digest:
+            try:
+                return validate_digest(digest), media_type
+            except InvalidReference:
+                raise OCIError(f"{ref}: registry sent a malformed digest header") from None
+        # Some registries omit the header on HEAD: fall back to hashing the manifest itself.
+        response = self._request(
+            "GET",
+            ref,
+            f"manifests/{ref.identifier}",
+            headers={"Accept": MANIFEST_ACCEPT},
+            what="manifest",
+            stream=True,
+        )
+        body = _read_limited(response, MAX_MANIFEST_BYTES, str(ref))
+        return f"sha256:{hashlib.sha256(body).hexdigest()}", media_type
+
+    def _get_manifest(self, ref: Reference, digest: str) -> tuple[dict[str, Any], str]:
+        response = self._request(
+            "GET",
+            ref,
+            f"manifests/{digest}",
+            headers={"Accept": MANIFEST_ACCEPT},
+            what="manifest",
+            stream=True,
+        )
+        where = f"{ref.name}@{digest}"
+        body = _read_limited(response, MAX_MANIFEST_BYTES, where)
+        _verify_bytes(body, digest, where)
+        data = load_json(body, where)
+        return data, media_type_of(data, response.headers.get("Content-Type"))
+
+    def _get_blob_bytes(self, ref: Reference, descriptor: Descriptor) -> bytes:
+        response = self._request("GET", ref, f"blobs/{descriptor.digest}", what="blob", stream=True)
+        where = f"{ref.name}@{descriptor.digest}"
+        body = _read_limited(response, max(descriptor.size, 0) or MAX_MANIFEST_BYTES, where)
+        _verify_bytes(body, descriptor.digest, where)
+        return body
+
+    def _blob_chunks(self, ref: Reference, descriptor: Descriptor, downloaded: list[int]) -> Iterator[bytes]:
+        """A layer blob's bytes; a connection lost mid-way is resumed with a Range request."""
+        path = f"blobs/{descriptor.digest}"
+        received = 0
+        resumes = 0
+        response = self._request("GET", ref, path, what="blob", stream=True)
+        try:
+            while True:
+                skip = 0
+                if received:
+                    # A resumed request: 206 continues where we were, 200 starts again.
+                    if response.status_code == 206:
+                        start = _content_range_start(response.headers.get("Content-Range"))
+                        if start != received:
+                            raise RegistryUnavailable(
+                                f"{ref.api_host}: bad Content-Range resuming {descriptor.digest}"
+                            )
+                    else:
+                        skip = received
+                try:
+                    for chunk in response.iter_content(COPY_CHUNK):
+                        if skip:
+                            cut = min(skip, len(chunk))
+                            chunk, skip = chunk[cut:], skip - cut
+                        if chunk:
+                            received += len(chunk)
+                            downloaded[0] += len(chunk)
+                            yield chunk
+                    return
+                except (
+                    requests.ConnectionError,
+                    requests.Timeout,
+                    requests.exceptions.ChunkedEncodingError,
+                ) as exc:
+                    response.close()
+                    if resumes >= self.config.retries:
+                        raise RegistryUnavailable(
+                            f"{ref.api_host}: connection lost downloading {descriptor.digest} "
+                            f"after {received} bytes ({type(exc).__name__})"
+                        ) from None
+                    resumes += 1
+                    log.info(
+                        "resuming %s at byte %d after %s", descriptor.digest, received, type(exc).__name__
+                    )
+                    self._sleep(self._backoff(resumes - 1))
+                    response = self._request(
+                        "GET", ref, path, what="blob", stream=True, headers={"Range": f"bytes={received}-"}
+                    )
+        finally:
+            response.close()
+
+    # -- HTTP core ------------------------------------------------------------------------------
+
+    def _host(self, name: str) -> _Host:
+        with self._lock:
+            host = self._hosts.get(name)
+            if host is None:
+                session = requests.Session()
+                adapter = requests.adapters.HTTPAdapter(
+                    pool_connections=1, pool_maxsize=POOL_SIZE, max_retries=0
+                )
+                session.mount("https://", adapter)
+                session.mount("http://", adapter)
+                session.headers["User-Agent"] = self.config.user_agent
+                relaxed = (
+                    is_loopback_host(name)
+                    or name.lower() in self._insecure
+                    or _strip_port(name).lower() in self._insecure
+                )
+                host = _Host(name=name, session=session, relaxed=relaxed, scheme=None if relaxed else "https")
+                self._hosts[name] = host
+            return host
+
+    def _count(self, method: str) -> None:
+        with self._lock:
+            self._counts[method] += 1
+
+    def _backoff(self, attempt: int) -> float:
+        delay = float(self.config.backoff * 2.0**attempt * random.uniform(0.9, 1.1))  # noqa: S311 (jitter)
+        return min(delay, self.config.max_retry_wait)
+
+    def _credentials_for(self, ref: Reference) -> tuple[str, str] | None:
+        return self._credentials.get(ref.registry.lower()) or self._credentials.get(ref.api_host.lower())
+
+    def _send(self, host: _Host, method: str, url_path: str, **kwargs: Any) -> requests.Response:
+        """One HTTP exchange with the host, choosing the scheme for relaxed hosts on first contact."""
+        timeout = self.config.connect_read_timeout
+        while True:
+            scheme = host.scheme or "https"
+            url = url_path if "://" in url_path else f"{scheme}://{host.name}{url_path}"
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
+                    response = host.session.request(
+                        method,
+                        url,
+                        timeout=timeout,
+                        verify=not host.relaxed,
+                        allow_redirects=method != "HEAD",
+                        **kwargs,
+                    )
+            except requests.exceptions.SSLError:
+                if host.relaxed and host.scheme is None and "://" not in url_path:
+                    # The server does not speak TLS: plain HTTP from now on (loopback/insecure only).
+                    host.scheme = "http"
+                    continue
+                raise
+            if host.scheme is None and "://" not in url_path:
+                host.scheme = scheme
+            self._count(method)
+            return response
+
+    def _request(
+        self,
+        method: str,
+        ref: Reference,
+        path: str,
+        *,
+        what: str,
+        actions: str = "pull",
+        headers: Mapping[str, str] | None = None,
+        stream: bool = False,
+        body: Callable[[], Any] | None = None,
+        ok: Collection[int] = (200, 201, 202, 204, 206),
+    ) -> requests.Response:
+        """A registry API request for ``ref``'s repository with auth, retries and clear errors.
+
+        ``path`` is relative to ``/v2/<repository>/`` or an absolute URL (upload locations).
+        ``body`` is a factory so a retried request can send its body again.
+        """
+        host = self._host(ref.api_host)
+        url_path = path if "://" in path or path.startswith("/") else f"/v2/{ref.repository}/{path}"
+        scope = f"repository:{ref.repository}:{actions}"
+        attempt = 0
+        authenticated_now = False
+        target = f"{ref.api_host}/{ref.repository}"
+        # Our credentials and tokens go to the registry only, not to a host an upload URL names.
+        send_auth = "://" not in url_path or urllib.parse.urlsplit(url_path).netloc == host.name
+        while True:
+            request_headers = dict(headers or {})
+            if send_auth:
+                request_headers.update(self._auth_header(host, ref, scope))
+            try:
+                response = self._send(
+                    host,
+                    method,
+                    url_path,
+                    headers=request_headers,
+                    stream=stream,
+                    data=body() if body else None,
+                )
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                if isinstance(exc, requests.exceptions.SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                    # Retrying cannot help; say what would.
+                    raise RegistryUnavailable(
+                        f"{ref.api_host}: TLS certificate verification failed "
+                        "(a private registry with its own CA must be listed as insecure)"
+                    ) from None
+                if attempt < self.config.retries:
+                    delay = self._backoff(attempt)
+                    log.info(
+                        "%s %s: %s, retry %d in %.1fs", method, target, type(exc).__name__, attempt + 1, delay
+                    )
+                    attempt += 1
+                    self._sleep(delay)
+                    continue
+                cause = _describe_network_error(exc)
+                raise RegistryUnavailable(
+                    f"{ref.api_host} unreachable after {attempt + 1} attempts ({cause})"
+                ) from None
+            status = response.status_code
+            if status == 401 and not authenticated_now:
+                challenge = response.headers.get("WWW-Authenticate", "")
+                response.close()
+                self._authenticate(host, ref, scope, challenge)
+                authenticated_now = True
+                continue
+            if status == 429 or status in _RETRY_STATUSES:
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                response.close()
+                if retry_after is not None and retry_after > self.config.max_retry_wait:
+                    raise RegistryUnavailable(
+                        f"{target}: HTTP {status}, registry asks to retry after {retry_after:.0f}s, "
+                        f"more than the {self.config.max_retry_wait:.0f}s allowed"
+                    )
+                if attempt < self.config.retries:
+                    delay = retry_after if retry_after is not None else self._backoff(attempt)
+                    log.info("%s %s: HTTP %d, retry %d in %.1fs", method, target, status, attempt + 1, delay)
+                    attempt += 1
+                    self._sleep(delay)
+                    continue
+                raise RegistryUnavailable(f"{target}: HTTP {status} after {attempt + 1} attempts")
+            if status in ok:
+                return response
+            detail = _registry_error(response) if method != "HEAD" else ""
+            response.close()
+            suffix = f" ({detail})" if detail else ""
+            if status in (401, 403):
+                if self._credentials_for(ref):
+                    raise AuthError(
+                        f"{ref.api_host} rejected the configured credentials for {ref.repository} "
+                        f"(HTTP {status}){suffix}"
+                    )
+                raise AuthError(
+                    f"{ref.api_host} denied anonymous access to {ref.repository} (HTTP {status}){suffix}"
+                )
+            if status == 404:
+                raise NotFound(f"{what} not found: {target} {path.rpartition('/')[2]}{suffix}")
+            raise OCIError(f"{method} {target} {what}: HTTP {status}{suffix}")
+
+    def _auth_header(self, host: _Host, ref: Reference, scope: str) -> dict[str, str]:
+        with host.lock:
+            auth_scheme = host.auth_scheme
+            token = host.tokens.get(scope)
+        if auth_scheme == "basic":
+            credentials = self._credentials_for(ref)
+            if credentials:
+                return {"Authorization": _basic(credentials)}
+        elif auth_scheme == "bearer" and token and token[1] > time.monotonic():
+            return {"Authorization": f"Bearer {token[0]}"}
+        return {}
+
+    def _authenticate(self, host: _Host, ref: Reference, scope: str, challenge: str) -> None:
+        scheme, params = _parse_challenge(challenge)
+        credentials = self._credentials_for(ref)
+        if scheme == "basic":
+            if not credentials:
+                raise AuthError(f"{ref.api_host} requires credentials and none are configured for it")
+            self._refuse_plain_http(host, ref)
+            with host.lock:
+                host.auth_scheme = "basic"
+            return
+        if scheme != "bearer" or "realm" not in params:
+            raise AuthError(f"{ref.api_host} answered 401 with an unsupported challenge ({scheme or 'none'})")
+        realm = params["realm"]
+        query = {"scope": params.get("scope") or scope}
+        if params.get("service"):
+            query["service"] = params["service"]
+        realm_host = self._host(urllib.parse.urlsplit(realm).netloc)
+        if credentials and realm.startswith("http://") and not realm_host.relaxed:
+            raise AuthError(f"{ref.api_host}: refusing to send credentials to a plain-HTTP token service")
+        headers = {"Authorization": _basic(credentials)} if credentials else {}
+        attempt = 0
+        while True:
+            try:
+                response = self._send(realm_host, "GET", realm, params=query, headers=headers)
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                if attempt < self.config.retries:
+                    self._sleep(self._backoff(attempt))
+                    attempt += 1
+                    continue
+                raise RegistryUnavailable(
+                    f"token service for {ref.api_host} unreachable ({_describe_network_error(exc)})"
+                ) from None
+            if response.status_code in _RETRY_STATUSES and attempt < self.config.retries:
+                response.close()
+                self._sleep(self._backoff(attempt))
+                attempt += 1
+                continue
+            break
+        if response.status_code in (401, 403):
+            response.close()
+            if credentials:
+                raise AuthError(
+                    f"{ref.api_host} rejected the configured credentials (token service HTTP 401)"
+                )
+            raise AuthError(f"{ref.api_host} token service denied anonymous access to {ref.repository}")
+        if response.status_code != 200:
+            response.close()
+            raise AuthError(f"{ref.api_host} token service answered HTTP {response.status_code}")
+        try:
+            data = response.json()
+            token = data.get("token") or data.get("access_token")
+            lifetime = float(data.get("expires_in") or 60)
+        except (ValueError, AttributeError, TypeError):
+            token, lifetime = None, 0.0
+        if not token:
+            raise AuthError(f"{ref.api_host} token service returned no token")
+        with host.lock:
+            host.auth_scheme = "bearer"
+            host.bearer = {"realm": realm, "service": params.get("service", "")}
+            # Renew a little early so a request does not race the expiry.
+            host.tokens[scope] = (str(token), time.monotonic() + max(lifetime - 10, 5))
+
+    def _refuse_plain_http(self, host: _Host, ref: Reference) -> None:
+        if host.scheme == "http" and not host.relaxed:
+            raise AuthError(f"{ref.api_host}: refusing to send credentials over plain HTTP")
+
+
+def _basic(credentials: tuple[str, str]) -> str:
+    user, password = credentials
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def _describe_network_error(exc: Exception) -> str:
+    """A short cause without URLs' query strings (which never hold credentials, but stay terse)."""
+    text = str(exc)
+    for marker in (
+        "timed out",
+        "Connection refused",
+        "Name or service not known",
+        "Connection reset",
+        "Read timed out",
+    ):
+        if marker.lower() in text.lower():
+            return f"{type(exc).__name__}: {marker}"
+    return type(exc).__name__
+
+
+def _content_range_start(value: str | None) -> int | None:
+    match = re.match(r"bytes (\d+)-", value or "")
+    return int(match.group(1)) if match else None
+
+
+def _annotations(document: Mapping[str, Any]) -> dict[str, str]:
+    annotations = document.get("annotations")
+    if isinstance(annotations, Mapping):
+        return {str(k): str(v) for k, v in annotations.items()}
+    return {}
+
+
+def _read_limited(response: requests.Response, limit: int, where: str) -> bytes:
+    with contextlib.closing(response):
+        declared = response.headers.get("Content-Length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise OCIError(f"{where}: {declared} bytes is more than the {limit} allowed")
+        try:
+            body: bytes = response.raw.read(limit + 1, decode_content=True)
+        except urllib3.exceptions.HTTPError as exc:
+            raise RegistryUnavailable(
+                f"{where}: connection failed while reading ({type(exc).__name__})"
+            ) from None
+        if len(body) > limit:
+            raise OCIError(f"{where}: more than {limit} bytes")
+        return body
+
+
+def _verify_bytes(body: bytes, digest: str, where: str) -> None:
+    algorithm = digest.partition(":")[0]
+    try:
+        actual = f"{algorithm}:{hashlib.new(algorithm, body).hexdigest()}"
+    except ValueError:
+        raise InvalidReference(f"unsupported digest algorithm in {digest!r}") from None
+    if actual != digest:
+        raise DigestMismatch(f"{where}: content hashes to {actual}")
+
+
+def tree_size(root: Path) -> int:
+    """Apparent size of the regular files under ``root``, hard links counted once."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    stack = [os.fspath(root)]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    st = entry.stat(follow_symlinks=False)
+                    if st.st_nlink > 1:
+                        key = (st.st_dev, st.st_ino)
+                        if key in seen:
+                            continue
+                        seen.add(key)
+                    total += st.st_size
+    return total
+
+
+def default_platform() -> str:
+    """This machine's platform string, e.g. ``linux/amd64``."""
+    return str(host_platform())

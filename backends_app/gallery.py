@@ -146,7 +146,11 @@ def resolve_url(url: str) -> str:
     text = url.strip()
     lowered = text.lower()
     if lowered.startswith(("https://", "http://")):
-        parts = urlsplit(text)
+        try:
+            parts = urlsplit(text)
+            parts.port  # noqa: B018  (raises on a malformed port or address)
+        except ValueError as exc:
+            raise GalleryError(f"gallery URL {_redact(text)!r} is malformed: {exc}") from None
         if not parts.hostname:
             raise GalleryError(f"gallery URL {_redact(text)!r} has no host")
         return text

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import IntegrityError, models, transaction
 from django.db.models import Q
@@ -23,7 +24,12 @@ HEARTBEAT_TIMEOUT = dt.timedelta(seconds=90)
 
 
 class OperationRefused(Exception):
-    """An operation that cannot be queued as asked (pinned, nothing to roll back to, ...)."""
+    """An operation that cannot be queued as asked; `reason` says why in one word for programs:
+    pinned, not_installed, nothing_kept, gone, duplicate, busy, no_nodes."""
+
+    def __init__(self, message: str, reason: str = "refused") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class Gallery(models.Model):
@@ -121,7 +127,7 @@ class BackendQuerySet(models.QuerySet["Backend"]):
         return self.filter(installed__state=current, installed__node=node).distinct()
 
     def upgradable(self) -> BackendQuerySet:
-        """Flagged by the last check, not pinned, not held: what auto-upgrade and "apply" take."""
+        """Flagged by the last check and not pinned (the check never flags a held target)."""
         return self.visible().filter(upgrade_available=True, pinned=False)
 
     def lookup(self, name: str) -> Backend:
@@ -142,16 +148,7 @@ class BackendQuerySet(models.QuerySet["Backend"]):
         return found[0]
 
 
-class BackendManager(models.Manager["Backend"]):
-    def get_queryset(self) -> BackendQuerySet:
-        return BackendQuerySet(self.model, using=self._db)
-
-    def visible(self) -> BackendQuerySet:
-        return self.get_queryset().visible()
-
-    def lookup(self, name: str) -> Backend:
-        return self.get_queryset().lookup(name)
-
+class BackendManager(models.Manager.from_queryset(BackendQuerySet)):  # type: ignore[misc]
     def store_entries(self, source: Gallery, entries: list[gallery_index.GalleryEntry]) -> SyncResult:
         """Store a parsed index: create new rows, update changed ones, mark vanished ones gone.
 
@@ -418,7 +415,7 @@ class Backend(models.Model):
                 else:
                     skipped.append(f"{node.name}: busy with job {child.pk}")
             if not children:
-                raise OperationRefused("; ".join(skipped) or "nothing to do")
+                raise OperationRefused("; ".join(skipped) or "nothing to do", "busy")
             parent._update(message="; ".join(f"skipped {line}" for line in skipped))
             for child in children[:1] if canary else children:
                 child.enqueue()
@@ -433,7 +430,7 @@ class Backend(models.Model):
         )
         lagging = [row.node for row in rows if row.digest != target]
         if not lagging:
-            raise OperationRefused(f"every node runs the same build of {self.name}")
+            raise OperationRefused(f"every node runs the same build of {self.name}", "no_drift")
         return self.request_everywhere(JobKind.UPGRADE, nodes=lagging, requested_by=requested_by, force=True)
 
     def request(
@@ -601,7 +598,9 @@ class PortalSettings(models.Model):
     health_check_command = models.CharField(
         max_length=1000, blank=True, help_text="Run after each install; {path} is the backend directory."
     )
-    health_check_timeout = models.PositiveIntegerField(default=30, validators=[MinValueValidator(1)])
+    health_check_timeout = models.PositiveIntegerField(
+        default=30, validators=[MinValueValidator(1), MaxValueValidator(3600)]
+    )
     last_check_at = models.DateTimeField(null=True, blank=True, editable=False)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -614,6 +613,13 @@ class PortalSettings(models.Model):
     def save(self, *args: Any, **kwargs: Any) -> None:
         self.pk = self.SINGLETON_PK
         super().save(*args, **kwargs)
+
+    def clean(self) -> None:
+        start, end = self.maintenance_window_start, self.maintenance_window_end
+        if (start is None) != (end is None):
+            raise ValidationError("A maintenance window needs both a start and an end, or neither.")
+        if start is not None and start == end:
+            raise ValidationError("A maintenance window's start and end must differ.")
 
     @classmethod
     def load(cls) -> PortalSettings:
@@ -716,6 +722,11 @@ class UpgradeJob(models.Model):
                 condition=Q(status__in=["queued", "running"]),
                 name="one_active_job_per_backend_node",
             ),
+            models.UniqueConstraint(
+                fields=["kind"],
+                condition=Q(kind="check", status__in=["queued", "running"]),
+                name="one_active_check",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -735,10 +746,14 @@ class UpgradeJob(models.Model):
     @classmethod
     def request_check(cls, requested_by: str = "") -> tuple[UpgradeJob, bool]:
         """Queue an upgrade check of every installed backend, or return the one already active."""
-        active = cls.objects.filter(kind=JobKind.CHECK, status__in=JobStatus.ACTIVE).first()
-        if active:
+        try:
+            with transaction.atomic():
+                job = cls.objects.create(kind=JobKind.CHECK, requested_by=requested_by)
+        except IntegrityError:  # the database allows one active check; return it
+            active = cls.objects.filter(kind=JobKind.CHECK, status__in=JobStatus.ACTIVE).first()
+            if active is None:
+                return cls.request_check(requested_by)
             return active, False
-        job = cls.objects.create(kind=JobKind.CHECK, requested_by=requested_by)
         job.enqueue()
         return job, True
 

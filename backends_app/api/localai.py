@@ -195,7 +195,7 @@ class LocalAIUpgradeBackendView(LocalAIView):
         except Backend.MultipleObjectsReturned as exc:
             raise AmbiguousName(str(exc)) from None
         try:
-            job, _ = backend.request(JobKind.UPGRADE, requested_by=requested_by(request))
+            job, _ = backend.operate(JobKind.UPGRADE, requested_by=requested_by(request))
         except OperationRefused as exc:
             raise Refused(str(exc)) from None
         return Response({"id": str(job.pk), "status_url": status_url(request, job)})

@@ -420,8 +420,6 @@ class GallerySerializer(JsonBodySerializer, serializers.ModelSerializer):
             gallery_index.resolve_url(value)
         except gallery_index.GalleryError as exc:
             raise serializers.ValidationError(str(exc)) from exc
-        except ValueError as exc:  # urllib's own complaint, e.g. "https://[::1"
-            raise serializers.ValidationError(f"not a valid URL: {exc}") from exc
         return value.strip()
 
 

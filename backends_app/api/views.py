@@ -119,7 +119,7 @@ def filter_backends(queryset: QuerySet[Backend], filters: dict[str, Any]) -> Que
             return queryset.none()
     installed = filters.get("installed", True if node else None)
     if installed is not None:
-        on_node = Backend.objects.all().installed_on(node).values("pk")
+        on_node = Backend.objects.installed_on(node).values("pk")
         queryset = queryset.filter(pk__in=on_node) if installed else queryset.exclude(pk__in=on_node)
     return queryset
 
@@ -204,7 +204,7 @@ class BackendViewSet(viewsets.ReadOnlyModelViewSet):
         body.is_valid(raise_exception=True)
         node = body.validated_data.get("node")
         try:
-            job, created = backend.request(
+            job, created = backend.operate(
                 kind, node=node, requested_by=requested_by(request), force=body.validated_data["force"]
             )
         except OperationRefused as exc:
@@ -336,10 +336,10 @@ class UpgradeViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
         node = body.validated_data.get("node")
         jobs: list[UpgradeJob] = []
         skipped: list[dict[str, Any]] = []
-        for backend in Backend.objects.all().upgradable().select_related("gallery"):
+        for backend in Backend.objects.upgradable().select_related("gallery"):
             ref = api.backend_ref(backend)
             try:
-                job, created = backend.request(JobKind.UPGRADE, node=node, requested_by=requested_by(request))
+                job, created = backend.operate(JobKind.UPGRADE, node=node, requested_by=requested_by(request))
             except OperationRefused as exc:
                 skipped.append({"backend": ref, "reason": str(exc), "job": None})
                 continue

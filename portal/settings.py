@@ -177,6 +177,9 @@ Q_CLUSTER = {
     "ack_failures": True,
     "poll": 0.5,
     "label": "Tasks",
+    # `manage.py worker --node NAME` runs a cluster named NAME (Q_CLUSTER_NAME): the queue for that
+    # node's jobs. django-q2 reads per-cluster overrides from here and needs the key to exist.
+    "ALT_CLUSTERS": {},
 }
 
 # --- REST framework -------------------------------------------------------------------------

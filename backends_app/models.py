@@ -191,8 +191,8 @@ class BackendManager(models.Manager.from_queryset(BackendQuerySet)):  # type: ig
         return result
 
     def _link_meta_backends(self, source: Gallery) -> None:
-        """Point each meta entry at the concrete entry for the local node's capability."""
-        capability = Node.local().capability
+        """Point each meta entry at the concrete entry for this machine's capability."""
+        capability = gallery_index.detect_capability(settings.PORTAL_CAPABILITY)
         rows = list(self.visible().filter(gallery=source))
         by_name = {row.name: row for row in rows}
         changed = []

@@ -69,6 +69,7 @@ class InstalledOnNodeSerializer(serializers.Serializer):
     """The current version of a backend on one node, and how many older ones are kept for rollback."""
 
     node = serializers.CharField()
+    online = serializers.BooleanField(help_text="The node's worker heartbeat is recent.")
     version = serializers.CharField()
     digest = serializers.CharField()
     installed_at = serializers.DateTimeField(allow_null=True)
@@ -89,6 +90,7 @@ class BackendSerializer(serializers.ModelSerializer):
     gallery = serializers.CharField(source="gallery.name")
     declared_version = serializers.CharField(source="version", help_text="The gallery entry's `version`.")
     installed = serializers.SerializerMethodField()
+    drift = serializers.SerializerMethodField(help_text="The nodes that have it run different builds.")
     active_job = serializers.SerializerMethodField(help_text="Id of a queued or running job, else null.")
 
     class Meta:
@@ -105,6 +107,7 @@ class BackendSerializer(serializers.ModelSerializer):
             "alias",
             "gone",
             "installed",
+            "drift",
             "available_version",
             "latest_digest",
             "upgrade_available",
@@ -137,6 +140,7 @@ class BackendSerializer(serializers.ModelSerializer):
         return [
             {
                 "node": row.node.name,
+                "online": row.node.online,
                 "version": row.version,
                 "digest": row.digest,
                 "installed_at": row.installed_at,
@@ -147,6 +151,11 @@ class BackendSerializer(serializers.ModelSerializer):
             for row in rows
             if row.state == InstalledVersion.State.CURRENT
         ]
+
+    @extend_schema_field(serializers.BooleanField())
+    def get_drift(self, backend: Backend) -> bool:
+        builds = {(row["digest"] or row["version"]) for row in self.get_installed(backend)}
+        return len(builds) > 1
 
     @extend_schema_field(serializers.IntegerField(allow_null=True))
     def get_active_job(self, backend: Backend) -> int | None:

@@ -219,6 +219,24 @@ class BackendViewSet(viewsets.ReadOnlyModelViewSet):
         return job_response(job, request, status.HTTP_202_ACCEPTED)
 
     @extend_schema(
+        summary="Converge: upgrade the nodes whose build differs from the newest",
+        description="Fans an upgrade out to every node whose build differs, so all nodes agree.",
+        parameters=[BACKEND_NAME],
+        request=None,
+        responses=OPERATION_RESPONSES,
+    )
+    @action(detail=True, methods=["post"])
+    def converge(self, request: Request, name: str) -> Response:
+        backend = self.get_object()
+        try:
+            job, created = backend.converge(requested_by=requested_by(request))
+        except OperationRefused as exc:
+            return refused(exc)
+        if not created:
+            return active_job_conflict(job, request, f"{backend.name} already has job #{job.pk} running")
+        return job_response(job, request, status.HTTP_202_ACCEPTED)
+
+    @extend_schema(
         summary="Install the backend",
         parameters=[BACKEND_NAME],
         request=api.OperationRequestSerializer,

@@ -125,6 +125,18 @@ class Fleet:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)
             process.wait(timeout=30)
+        # The test database is dropped after the session: wait for the fleet's connections to close.
+        from django.db import connection
+
+        def others() -> int:
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND pid <> pg_backend_pid()"
+                )
+                return int(cursor.fetchone()[0])
+
+        wait_until(lambda: others() == 0, "the fleet's database connections to close", 20)
 
 
 @pytest.fixture
@@ -298,7 +310,14 @@ def test_progress_from_a_node_reaches_the_redis_channel_layer(fleet: Fleet, publ
         layer = RedisChannelLayer(hosts=[REDIS_URL])
         channel = await layer.new_channel()
         await layer.group_add(live.group_name(job.pk), channel)
-        await sync_to_async(job.enqueue)()  # listening before the node starts, so nothing is missed
+
+        def enqueue() -> None:
+            from django.db import connection
+
+            job.enqueue()
+            connection.close()  # this runs in a helper thread: its connection must not outlive it
+
+        await sync_to_async(enqueue)()  # listening before the node starts, so nothing is missed
         seen: list[dict[str, Any]] = []
         end = time.monotonic() + DEADLINE
         while time.monotonic() < end:

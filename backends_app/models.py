@@ -744,17 +744,29 @@ class UpgradeJob(models.Model):
         return (self.finished_at or timezone.now()) - self.started_at
 
     @classmethod
-    def request_check(cls, requested_by: str = "") -> tuple[UpgradeJob, bool]:
-        """Queue an upgrade check of every installed backend, or return the one already active."""
+    def request_check(cls, requested_by: str = "", *, queue: bool = True) -> tuple[UpgradeJob, bool]:
+        """Queue an upgrade check of every installed backend, or return the one already active.
+
+        The database allows one active check. One left active longer than a task may run (its
+        process died) is marked interrupted, so it never blocks checks for good. With `queue`
+        False the caller runs the new job itself.
+        """
         try:
             with transaction.atomic():
                 job = cls.objects.create(kind=JobKind.CHECK, requested_by=requested_by)
-        except IntegrityError:  # the database allows one active check; return it
+        except IntegrityError:
             active = cls.objects.filter(kind=JobKind.CHECK, status__in=JobStatus.ACTIVE).first()
             if active is None:
-                return cls.request_check(requested_by)
+                return cls.request_check(requested_by, queue=queue)
+            stale = timezone.now() - dt.timedelta(seconds=settings.Q_CLUSTER["timeout"])
+            if (active.started_at or active.created_at) < stale:
+                active.fail(
+                    "interrupted: its process stopped before it finished", status=JobStatus.INTERRUPTED
+                )
+                return cls.request_check(requested_by, queue=queue)
             return active, False
-        job.enqueue()
+        if queue:
+            job.enqueue()
         return job, True
 
     @classmethod

@@ -141,3 +141,21 @@ def test_jobs_are_routed_to_their_nodes_cluster(
     parent, _ = checked.request_everywhere(JobKind.INSTALL, nodes=nodes[:2])
     assert sorted(OrmQ.objects.values_list("key", flat=True)) == ["n1", "n2"]
     assert parent.children.count() == 2
+
+
+def test_a_check_left_running_by_a_dead_process_does_not_block_checks_for_good(settings: Any) -> None:
+    import datetime as dt
+
+    from django.utils import timezone
+
+    first, created = UpgradeJob.request_check("test", queue=False)
+    assert created and first.start()
+    again, created_again = UpgradeJob.request_check("test", queue=False)
+    assert not created_again and again.pk == first.pk
+
+    UpgradeJob.objects.filter(pk=first.pk).update(started_at=timezone.now() - dt.timedelta(days=1))
+    fresh, created_fresh = UpgradeJob.request_check("test", queue=False)
+
+    first.refresh_from_db()
+    assert created_fresh and fresh.pk != first.pk
+    assert first.status == JobStatus.INTERRUPTED

@@ -1,15 +1,62 @@
-"""The Django admin: the centre of the portal. Actions call model verbs and report in a message."""
+"""The Django admin: the centre of the portal. Actions call model verbs and report in a message.
+
+Every changelist costs a fixed number of queries, whatever the number of rows: related rows come
+through `list_select_related`, per-node installations through one prefetch, counts through
+annotations.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 from django.contrib import admin, messages
-from django.db.models import QuerySet
-from django.http import HttpRequest, HttpResponseRedirect
-from django.urls import reverse
+from django.core.exceptions import PermissionDenied
+from django.db.models import Count, Prefetch, Q, QuerySet
+from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
+from django.template.defaultfilters import filesizeformat
+from django.urls import URLPattern, path, reverse
+from django.utils.html import format_html, format_html_join
 
-from backends_app.models import Backend, Gallery, InstalledVersion, Node, PortalSettings, UpgradeJob
+from backends_app.api.permissions import OPERATE_BACKEND
+from backends_app.models import (
+    Backend,
+    Gallery,
+    InstalledVersion,
+    JobKind,
+    JobStatus,
+    Node,
+    OperationRefused,
+    PortalSettings,
+    UpgradeJob,
+)
+
+
+def requested_by(request: HttpRequest) -> str:
+    return f"admin:{request.user.get_username()}"
+
+
+def job_link(job: UpgradeJob) -> str:
+    """A link to the job's live page (progress over a websocket)."""
+    return format_html('<a href="{}">#{}</a>', reverse("ui:job", args=[job.pk]), job.pk)
+
+
+def short_duration(value: dt.timedelta | None) -> str:
+    if value is None:
+        return "-"
+    seconds = int(value.total_seconds())
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+class OperateMixin:
+    """Actions that queue or stop operations need the permission the API asks for the same thing."""
+
+    def has_operate_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm(OPERATE_BACKEND)
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -37,22 +84,64 @@ class GalleryAdmin(admin.ModelAdmin):
             self.message_user(request, result.summary(), messages.SUCCESS if result.ok else messages.ERROR)
 
 
+class InstalledFilter(admin.SimpleListFilter):
+    title = "installed"
+    parameter_name = "installed"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("yes", "Yes"), ("no", "No")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Backend]) -> QuerySet[Backend]:
+        installed = InstalledVersion.objects.filter(state=InstalledVersion.State.CURRENT).values("backend_id")
+        if self.value() == "yes":
+            return queryset.filter(pk__in=installed)
+        if self.value() == "no":
+            return queryset.exclude(pk__in=installed)
+        return queryset
+
+
+class NodeFilter(admin.SimpleListFilter):
+    """Backends installed on one node."""
+
+    title = "installed on node"
+    parameter_name = "node"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [(str(pk), name) for pk, name in Node.objects.values_list("pk", "name")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Backend]) -> QuerySet[Backend]:
+        if not self.value():
+            return queryset
+        on_node = InstalledVersion.objects.filter(
+            state=InstalledVersion.State.CURRENT, node_id=self.value()
+        ).values("backend_id")
+        return queryset.filter(pk__in=on_node)
+
+
 @admin.register(Backend)
-class BackendAdmin(admin.ModelAdmin):
+class BackendAdmin(OperateMixin, admin.ModelAdmin):
     list_display = (
         "name",
         "gallery",
-        "is_meta",
-        "version",
-        "upgrade_available",
-        "upgrade_reason",
+        "installed_versions",
+        "available",
+        "upgrade",
         "pinned",
         "last_checked_at",
         "gone",
     )
-    list_filter = ("upgrade_available", "pinned", "is_meta", "gone", "gallery")
+    list_filter = ("upgrade_available", InstalledFilter, "pinned", "gallery", NodeFilter, "is_meta", "gone")
     list_select_related = ("gallery",)
     search_fields = ("name", "alias", "uri")
+    actions = (
+        "check_now",
+        "install_selected",
+        "upgrade_selected",
+        "rollback_selected",
+        "converge_selected",
+        "pin_selected",
+        "unpin_selected",
+    )
     readonly_fields = (
         "gallery",
         "name",
@@ -73,23 +162,202 @@ class BackendAdmin(admin.ModelAdmin):
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # backends come from galleries
 
+    def get_urls(self) -> list[URLPattern]:
+        check = self.admin_site.admin_view(self.check_now_view)
+        return [path("check-now/", check, name="backends_app_backend_check_now"), *super().get_urls()]
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> Any:
+        extra_context = {**(extra_context or {}), "can_operate": self.has_operate_permission(request)}
+        return super().changelist_view(request, extra_context)
+
+    def check_now_view(self, request: HttpRequest) -> HttpResponse:
+        """The changelist's "Check for upgrades now" button: no selection needed."""
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
+        if not self.has_operate_permission(request):
+            raise PermissionDenied
+        self.check_now(request, Backend.objects.none())
+        return HttpResponseRedirect(reverse("admin:backends_app_backend_changelist"))
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Backend]:
+        current = InstalledVersion.objects.filter(state=InstalledVersion.State.CURRENT).select_related("node")
+        return (
+            super()
+            .get_queryset(request)
+            .prefetch_related(
+                Prefetch("installed", queryset=current.order_by("node__name"), to_attr="current_installs")
+            )
+        )
+
+    @admin.display(description="installed (per node)")
+    def installed_versions(self, backend: Backend) -> str:
+        rows = getattr(backend, "current_installs", None)
+        if rows is None:  # the change page: not prefetched
+            rows = list(backend.installed.filter(state=InstalledVersion.State.CURRENT).select_related("node"))
+        if not rows:
+            return "-"
+        versions = format_html_join(
+            ", ",
+            "{} <small>on {}</small>",
+            ((row.version or row.short_digest or "?", row.node) for row in rows),
+        )
+        if len({row.digest or row.version for row in rows}) > 1:
+            return format_html('{} <strong title="the nodes run different builds">drift</strong>', versions)
+        return versions
+
+    @admin.display(description="available")
+    def available(self, backend: Backend) -> str:
+        return backend.available_version or backend.latest_digest.removeprefix("sha256:")[:12] or "-"
+
+    @admin.display(description="upgrade", ordering="upgrade_available")
+    def upgrade(self, backend: Backend) -> str:
+        if not backend.upgrade_available:
+            return "-"
+        return format_html("<strong>⬆ yes</strong> <small>{}</small>", backend.upgrade_reason)
+
+    # --- actions: each calls the model verb and says what happened -----------------------------
+
+    @admin.action(description="Check for upgrades now (every installed backend)", permissions=["operate"])
+    def check_now(self, request: HttpRequest, queryset: QuerySet[Backend]) -> None:
+        job, created = UpgradeJob.request_check(requested_by=requested_by(request))
+        if created:
+            self.message_user(
+                request, format_html("Queued upgrade check {}.", job_link(job)), messages.SUCCESS
+            )
+        else:
+            state = "running" if job.status == JobStatus.RUNNING else "queued"
+            self.message_user(
+                request,
+                format_html("A check is already {} as job {}.", state, job_link(job)),
+                messages.WARNING,
+            )
+
+    @admin.action(description="Install selected backends", permissions=["operate"])
+    def install_selected(self, request: HttpRequest, queryset: QuerySet[Backend]) -> None:
+        self._request(request, queryset, JobKind.INSTALL)
+
+    @admin.action(description="Upgrade selected backends", permissions=["operate"])
+    def upgrade_selected(self, request: HttpRequest, queryset: QuerySet[Backend]) -> None:
+        self._request(request, queryset, JobKind.UPGRADE)
+
+    @admin.action(description="Roll back selected backends to their kept version", permissions=["operate"])
+    def rollback_selected(self, request: HttpRequest, queryset: QuerySet[Backend]) -> None:
+        self._request(request, queryset, JobKind.ROLLBACK)
+
+    @admin.action(
+        description="Converge selected backends (upgrade the nodes that run another build)",
+        permissions=["operate"],
+    )
+    def converge_selected(self, request: HttpRequest, queryset: QuerySet[Backend]) -> None:
+        self._request(request, queryset, "converge")
+
+    @admin.action(description="Pin selected backends (no automatic upgrades)", permissions=["operate"])
+    def pin_selected(self, request: HttpRequest, queryset: QuerySet[Backend]) -> None:
+        for backend in queryset:
+            backend.pin()
+        self.message_user(request, f"Pinned {len(queryset)} backend(s).", messages.SUCCESS)
+
+    @admin.action(description="Unpin selected backends", permissions=["operate"])
+    def unpin_selected(self, request: HttpRequest, queryset: QuerySet[Backend]) -> None:
+        for backend in queryset:
+            backend.unpin()
+        self.message_user(request, f"Unpinned {len(queryset)} backend(s).", messages.SUCCESS)
+
+    def _request(self, request: HttpRequest, queryset: QuerySet[Backend], kind: str) -> None:
+        """Ask for `kind` on each selected backend (`Backend.operate`: the local node, or a fan-out to the
+        nodes in distributed mode); report what was queued, and why not."""
+        queued: list[UpgradeJob] = []
+        refused: list[str] = []
+        for backend in queryset:
+            try:
+                if kind == "converge":
+                    job, created = backend.converge(requested_by=requested_by(request))
+                else:
+                    job, created = backend.operate(kind, requested_by=requested_by(request))
+            except OperationRefused as exc:
+                refused.append(str(exc))
+                continue
+            if created:
+                queued.append(job)
+            else:
+                state = "running" if job.status == JobStatus.RUNNING else "queued"
+                refused.append(format_html("{}: already {} as job {}", backend.name, state, job_link(job)))
+        if queued:
+            links = format_html_join(", ", "{}", ((job_link(job),) for job in queued))
+            self.message_user(
+                request, format_html("Queued {} {} job(s): {}.", len(queued), kind, links), messages.SUCCESS
+            )
+        if refused:
+            lead = "Not queued" if queued else f"No {kind} job queued"
+            reasons = format_html_join("; ", "{}", ((reason,) for reason in refused))
+            self.message_user(request, format_html("{}: {}.", lead, reasons), messages.WARNING)
+
 
 @admin.register(Node)
 class NodeAdmin(admin.ModelAdmin):
-    list_display = ("name", "capability", "platform", "backends_path", "is_local", "last_heartbeat_at")
+    list_display = (
+        "name",
+        "capability",
+        "platform",
+        "backends_path",
+        "queue",
+        "is_local",
+        "is_online",
+        "installed_count",
+        "last_heartbeat_at",
+    )
     readonly_fields = ("is_local", "last_heartbeat_at", "created_at")
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Node]:
+        current = Q(installed__state=InstalledVersion.State.CURRENT)
+        return super().get_queryset(request).annotate(current_count=Count("installed", filter=current))
+
+    @admin.display(description="online", boolean=True)
+    def is_online(self, node: Node) -> bool:
+        return node.online
+
+    @admin.display(description="backends installed", ordering="current_count")
+    def installed_count(self, node: Node) -> int:
+        return node.current_count  # type: ignore[attr-defined]
 
 
 @admin.register(InstalledVersion)
 class InstalledVersionAdmin(ReadOnlyAdmin):
-    list_display = ("name", "node", "state", "version", "short_digest", "installed_at", "origin", "problem")
+    list_display = (
+        "name",
+        "node",
+        "state",
+        "version",
+        "short_digest",
+        "backend",
+        "installed_at",
+        "origin",
+        "problem",
+    )
     list_filter = ("state", "origin", "node")
-    list_select_related = ("node",)
+    list_select_related = ("node", "backend")
     search_fields = ("name", "version", "digest")
 
 
+class JobGroupFilter(admin.SimpleListFilter):
+    """Active (queued or running) or finished, the named groups of JobStatus."""
+
+    title = "active or finished"
+    parameter_name = "group"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("active", "Active"), ("finished", "Finished")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[UpgradeJob]) -> QuerySet[UpgradeJob]:
+        if self.value() == "active":
+            return queryset.filter(status__in=JobStatus.ACTIVE)
+        if self.value() == "finished":
+            return queryset.filter(status__in=JobStatus.FINISHED)
+        return queryset
+
+
 @admin.register(UpgradeJob)
-class UpgradeJobAdmin(ReadOnlyAdmin):
+class UpgradeJobAdmin(OperateMixin, ReadOnlyAdmin):
     list_display = (
         "id",
         "kind",
@@ -97,16 +365,52 @@ class UpgradeJobAdmin(ReadOnlyAdmin):
         "node",
         "status",
         "phase",
-        "percent",
-        "from_version",
-        "to_version",
+        "progress",
+        "versions",
         "requested_by",
         "created_at",
-        "duration",
+        "how_long",
+        "live_page",
     )
-    list_filter = ("status", "kind", "node")
+    list_filter = (JobGroupFilter, "status", "kind", "node")
     list_select_related = ("backend", "node")
     search_fields = ("backend__name", "message", "error", "requested_by")
+    readonly_fields = ("live_page",)
+    actions = ("cancel_selected",)
+
+    @admin.display(description="progress")
+    def progress(self, job: UpgradeJob) -> str:
+        if job.kind == JobKind.CHECK or not job.bytes_total:
+            return f"{job.percent:.0f}%"
+        return f"{job.percent:.0f}% of {filesizeformat(job.bytes_total)}"
+
+    @admin.display(description="from → to")
+    def versions(self, job: UpgradeJob) -> str:
+        before = job.from_version or job.from_digest.removeprefix("sha256:")[:12]
+        after = job.to_version or job.to_digest.removeprefix("sha256:")[:12]
+        if not before and not after:
+            return "-"
+        return f"{before or '-'} → {after or '…'}"
+
+    @admin.display(description="how long")
+    def how_long(self, job: UpgradeJob) -> str:
+        return short_duration(job.duration)
+
+    @admin.display(description="live page")
+    def live_page(self, job: UpgradeJob) -> str:
+        return format_html('<a href="{}">view</a>', reverse("ui:job", args=[job.pk]))
+
+    @admin.action(description="Cancel selected jobs", permissions=["operate"])
+    def cancel_selected(self, request: HttpRequest, queryset: QuerySet[UpgradeJob]) -> None:
+        asked = [
+            job
+            for job in queryset.filter(status__in=JobStatus.ACTIVE)
+            if job.cancel(by=requested_by(request))
+        ]
+        if asked:
+            self.message_user(request, f"Cancelled or asked to stop {len(asked)} job(s).", messages.SUCCESS)
+        else:
+            self.message_user(request, "No selected job was queued or running.", messages.WARNING)
 
 
 @admin.register(PortalSettings)

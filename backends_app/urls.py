@@ -1,0 +1,28 @@
+"""The web pages' routes, at the site root (namespace `ui`). The websocket route is in live.py."""
+
+from __future__ import annotations
+
+from django.contrib.auth import views as auth_views
+from django.urls import path
+
+from backends_app import views
+
+app_name = "ui"
+
+urlpatterns = [
+    path("", views.backends_page, name="backends"),
+    path("backends/<int:pk>/<str:operation>/", views.operate, name="operate"),
+    path("backends/upgrade-all/", views.upgrade_all, name="upgrade-all"),
+    path("check/", views.check_now, name="check"),
+    path("jobs/<int:pk>/", views.job_page, name="job"),
+    path("jobs/<int:pk>/cancel/", views.cancel_job, name="cancel-job"),
+    path("settings/", views.settings_page, name="settings"),
+    path(
+        "login/",
+        auth_views.LoginView.as_view(
+            template_name="login.html", redirect_authenticated_user=True, next_page="ui:backends"
+        ),
+        name="login",
+    ),
+    path("logout/", auth_views.LogoutView.as_view(next_page="ui:login"), name="logout"),
+]

@@ -230,6 +230,12 @@ def install_concrete(op: Operation, backend: Backend) -> str:
         if not refs:
             raise ProcedureError(f"{name} has no image reference in its gallery")
         resolved = op.client.resolve_first(refs, platform=op.node.platform)
+        # Known now; corrected after the pull if a mirror ends up serving another build.
+        job._update(
+            to_version=backend.version or resolved.version or "",
+            to_digest=resolved.digest,
+            source=resolved.source,
+        )
         needed = int(resolved.total_compressed_size * (1 + UNPACK_RATIO))
         layout.ensure_free_space(op.state.root, needed, SPACE_MARGIN)
         op.checkpoint("resolved")

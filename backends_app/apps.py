@@ -16,3 +16,4 @@ class BackendsAppConfig(AppConfig):
         del checks  # imported for its @register side effect
 
         post_migrate.connect(signals.seed_defaults, sender=self)
+        signals.connect_scheduling(self)

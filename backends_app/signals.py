@@ -18,3 +18,37 @@ def seed_defaults(**kwargs: Any) -> None:
     for name, url in galleries:
         Gallery.objects.get_or_create(name=name, defaults={"url": url})
     PortalSettings.load()
+
+
+def _schedule_table_ready() -> bool:
+    """django-q2's tables exist (a partial migrate may run before django_q's migrations)."""
+    from django.db import connection
+    from django_q.models import Schedule
+
+    return Schedule._meta.db_table in connection.introspection.table_names()
+
+
+def update_check_schedule(sender: Any, instance: Any, raw: bool = False, **kwargs: Any) -> None:
+    """PortalSettings saved: the periodic check's schedule follows its interval."""
+    from backends_app import schedule
+
+    if not raw and _schedule_table_ready():
+        schedule.ensure_schedule(instance)
+
+
+def ensure_check_schedule(**kwargs: Any) -> None:
+    """After migrate: the periodic check's schedule exists (created once, then kept up to date)."""
+    from backends_app import schedule
+
+    if _schedule_table_ready():
+        schedule.ensure_schedule()
+
+
+def connect_scheduling(app_config: Any) -> None:
+    """Wire the schedule's handlers (from AppConfig.ready; never schedules anything at import)."""
+    from django.db.models.signals import post_migrate, post_save
+
+    from backends_app.models import PortalSettings
+
+    post_save.connect(update_check_schedule, sender=PortalSettings, dispatch_uid="backends-check-schedule")
+    post_migrate.connect(ensure_check_schedule, sender=app_config, dispatch_uid="backends-check-schedule")

@@ -244,25 +244,34 @@ def defer_to_window(portal_settings: PortalSettings, now: dt.datetime) -> dt.dat
 
 
 def _check_then_upgrade(requested_by: str, portal_settings: PortalSettings) -> str:
-    """One CHECK job (visible in the admin), then the automatic upgrades; the job says both."""
-    job = UpgradeJob.objects.create(kind=JobKind.CHECK, requested_by=requested_by)
-    job.start()
+    """One CHECK job (visible in the admin), then the automatic upgrades; the job says both.
+
+    When a check asked by hand is active (the database allows one active check job), this one still
+    runs, without a job row of its own, so the interval's automatic upgrades are not lost.
+    """
+    job, created = UpgradeJob.request_check(requested_by, queue=False)
+    if created:
+        job.start()
+    name = f"check job {job.pk}" if created else f"scheduled check (job {job.pk} was already active)"
     try:
-        report = detection.check(requested_by=requested_by, job=job)
+        report = detection.check(requested_by=requested_by, job=job if created else None)
     except detection.CheckCancelled as exc:
-        job.finish(str(exc), status=JobStatus.CANCELLED)
-        return f"check job {job.pk} cancelled"
+        if created:
+            job.finish(str(exc), status=JobStatus.CANCELLED)
+        return f"{name} cancelled"
     except Exception as exc:  # the job row must never stay "running"
-        log.exception("scheduled check job %s failed", job.pk)
-        job.fail(f"check failed: {exc}")
-        return f"check job {job.pk} failed: {exc}"
+        log.exception("%s failed", name)
+        if created:
+            job.fail(f"check failed: {exc}")
+        return f"{name} failed: {exc}"
     try:
         upgraded = auto_upgrade(report, portal_settings).summary()
     except Exception as exc:
-        log.exception("auto-upgrade after check job %s failed", job.pk)
+        log.exception("auto-upgrade after %s failed", name)
         upgraded = f"auto-upgrade failed: {exc}"
-    detection.finish_check_job(job, report, note=upgraded)
-    return f"check job {job.pk}: {report.summary()}; {upgraded}"
+    if created:
+        detection.finish_check_job(job, report, note=upgraded)
+    return f"{name}: {report.summary()}; {upgraded}"
 
 
 def run_scheduled_check(interval: dt.timedelta | None = None) -> str:

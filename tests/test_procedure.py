@@ -375,3 +375,27 @@ def test_running_out_of_space_mid_download_is_a_clean_failure(
     ] == (published.first_digest)
     assert [p for p in (small_disk / ".backends-portal/staging").rglob("*") if p.is_file()] == []
     assert InstalledVersion.objects.get(name="cpu-demo", state="current").digest == published.first_digest
+
+
+def test_upgrade_all_checks_first_and_dry_run_changes_nothing(
+    published: Any, settings: Any, capsys: Any
+) -> None:
+    call_command("backends", "install", "cpu-demo")
+    second = published.push("v2")
+    capsys.readouterr()
+
+    call_command("backends", "upgrade", "--all", "--dry-run", "--json")
+    [row] = json.loads(capsys.readouterr().out)
+    assert row["name"] == "cpu-demo" and row["upgrade_available"] is True and row["reason"]
+    assert live_version(settings, "cpu-demo") == "v1"
+    assert not UpgradeJob.objects.filter(kind=JobKind.UPGRADE).exists()
+
+    call_command("backends", "check", "--json")
+    [checked] = json.loads(capsys.readouterr().out)
+    assert checked["available_digest"] == second and checked["upgrade_available"] is True
+
+    call_command("backends", "upgrade", "--all")
+    assert live_version(settings, "cpu-demo") == "v2"
+    capsys.readouterr()
+    call_command("backends", "upgrade", "--all", "--dry-run")
+    assert "nothing to upgrade" in capsys.readouterr().out

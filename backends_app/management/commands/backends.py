@@ -184,10 +184,14 @@ class Command(BaseCommand):
         if bool(names) == bool(all):
             raise CommandError("name the backends to upgrade, or pass --all (not both)")
         if all:
+            from backends_app import detection
+
             node = Node.local()
+            # A fresh look first (side-effect free), so "all" means what is available now.
+            report = detection.check(nodes=[node], requested_by=self.requested_by)
+            for row in report.errors:
+                self.stderr.write(f"{row.name}: check failed: {row.error}")
             backends = list(Backend.objects.upgradable().installed_on(node).select_related("gallery"))
-            if not force:
-                backends = [b for b in backends if not (b.held_digest or b.held_version)]
         else:
             backends = [self.lookup(name) for name in names]
         if dry_run:

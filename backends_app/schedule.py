@@ -205,14 +205,24 @@ def auto_upgrade(
         return result
     backends = Backend.objects.in_bulk({r.backend_id for r in candidates})
     nodes = Node.objects.in_bulk({r.node_id for r in candidates})
+    flagged: dict[int, list[Node]] = {}
     for candidate in candidates:
-        label = f"{candidate.name} on {candidate.node}"
-        backend, node = backends.get(candidate.backend_id), nodes.get(candidate.node_id)
-        if backend is None or node is None:
-            continue
+        if candidate.backend_id in backends and candidate.node_id in nodes:
+            flagged.setdefault(candidate.backend_id, []).append(nodes[candidate.node_id])
+    distributed = Node.objects.exclude(queue="").exists()
+    for backend_id, on_nodes in flagged.items():
+        backend = backends[backend_id]
+        label = f"{backend.name} on {', '.join(n.name for n in on_nodes)}"
         try:
-            job, created = backend.request(JobKind.UPGRADE, node=node, requested_by=AUTO_UPGRADE_BY)
-        except OperationRefused as exc:  # pinned or uninstalled since the check
+            if distributed:  # one parent job fanning out to the flagged nodes, as an operator's would
+                job, created = backend.request_everywhere(
+                    JobKind.UPGRADE, nodes=on_nodes, requested_by=AUTO_UPGRADE_BY
+                )
+            else:
+                job, created = backend.request(
+                    JobKind.UPGRADE, node=on_nodes[0], requested_by=AUTO_UPGRADE_BY
+                )
+        except OperationRefused as exc:  # pinned, uninstalled or busy since the check
             result.refused.append(f"{label}: {exc}")
             continue
         (result.queued if created else result.already_active).append(f"{label} (job {job.pk})")

@@ -159,3 +159,25 @@ def test_a_check_left_running_by_a_dead_process_does_not_block_checks_for_good(s
     first.refresh_from_db()
     assert created_fresh and fresh.pk != first.pk
     assert first.status == JobStatus.INTERRUPTED
+
+
+def test_auto_upgrade_fans_out_one_parent_job_to_the_flagged_nodes(
+    checked: Backend, published: Any, nodes: list[Node]
+) -> None:
+    from backends_app import detection, schedule
+    from backends_app.models import PortalSettings
+
+    n1, n2, n3 = nodes
+    checked.request_everywhere(JobKind.INSTALL, nodes=[n1, n2])
+    published.push("v2")
+    portal_settings = PortalSettings.load()
+    portal_settings.auto_upgrade_backends = True
+    portal_settings.save()
+
+    result = schedule.auto_upgrade(detection.check(), portal_settings)
+
+    assert len(result.queued) == 1, result.summary()
+    parent = UpgradeJob.objects.get(kind=JobKind.UPGRADE, parent=None)
+    assert parent.requested_by.startswith("scheduler") and parent.status == JobStatus.SUCCEEDED
+    assert sorted(parent.children.values_list("node__name", flat=True)) == ["n1", "n2"]
+    assert (version_on(n1), version_on(n2), version_on(n3)) == ("v2", "v2", None)

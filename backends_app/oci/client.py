@@ -55,6 +55,8 @@ from typing import Any, TypeVar
 import requests
 import urllib3
 
+from backends_app.layout import tree_size
+
 from .errors import (
     AllSourcesFailed,
     AuthError,
@@ -866,27 +868,6 @@ def _verify_bytes(body: bytes, digest: str, where: str) -> None:
         raise InvalidReference(f"unsupported digest algorithm in {digest!r}") from None
     if actual != digest:
         raise DigestMismatch(f"{where}: content hashes to {actual}")
-
-
-def tree_size(root: Path) -> int:
-    """Apparent size of the regular files under ``root``, hard links counted once."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    stack = [os.fspath(root)]
-    while stack:
-        with os.scandir(stack.pop()) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
-                elif entry.is_file(follow_symlinks=False):
-                    st = entry.stat(follow_symlinks=False)
-                    if st.st_nlink > 1:
-                        key = (st.st_dev, st.st_ino)
-                        if key in seen:
-                            continue
-                        seen.add(key)
-                    total += st.st_size
-    return total
 
 
 def default_platform() -> str:

@@ -223,9 +223,12 @@ class Command(BaseCommand):
         for target in targets:
             backend = target if isinstance(target, Backend) else self.lookup(target)
             try:
-                job, created = backend.request(
-                    kind, node=node, requested_by=self.requested_by, force=force, queue=queue
-                )
+                if queue:  # to the workers: a fan-out to the nodes that have it in distributed mode
+                    job, created = backend.operate(kind, requested_by=self.requested_by, force=force)
+                else:
+                    job, created = backend.request(
+                        kind, node=node, requested_by=self.requested_by, force=force, queue=False
+                    )
             except OperationRefused as exc:
                 failures.append(f"{backend.name}: {exc}")
                 self.stderr.write(f"{backend.name}: {exc}")

@@ -625,8 +625,14 @@ class RegistryClient:
                     **kwargs,
                 )
             except requests.exceptions.SSLError:
-                if host.relaxed and host.scheme is None and "://" not in url_path:
-                    # The server does not speak TLS: plain HTTP from now on (loopback/insecure only).
+                # The server does not speak TLS: plain HTTP from now on (loopback/insecure only). A
+                # thread that started with https while another found this out retries too.
+                if (
+                    host.relaxed
+                    and scheme == "https"
+                    and host.scheme in (None, "http")
+                    and "://" not in url_path
+                ):
                     host.scheme = "http"
                     continue
                 raise

@@ -49,7 +49,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     keep, drop = [], []
     for item in items:
-        uses_db = "_django_db_helper" in getattr(item, "fixturenames", ())
+        uses_db = "_django_db_helper" in getattr(item, "fixturenames", ()) or item.get_closest_marker(
+            "django_db"
+        )
         once = item.get_closest_marker("postgres") or item.get_closest_marker("single_pass")
         (keep if uses_db and not once else drop).append(item)
     config.hook.pytest_deselected(items=drop)

@@ -65,6 +65,13 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         missing_service("this test needs PostgreSQL: set DATABASE_URL=postgres://...")
 
 
+@pytest.fixture
+def fast_password_hashing(settings: Any) -> None:
+    """A million PBKDF2 rounds per user made is for real passwords, not for tests. Not for tests whose
+    users sign in to a server process: it hashes with the settings' real hashers."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 @pytest.fixture(autouse=True)
 def portal_paths(tmp_path: Path, settings: Any) -> Path:
     """Every test gets its own backends and state directories."""

@@ -27,21 +27,10 @@ from backends_app.models import (
     UpgradeJob,
 )
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("fast_password_hashing")]
 
 BACKENDS_URL = "/admin/backends_app/backend/"
 JOBS_URL = "/admin/backends_app/upgradejob/"
-
-
-@pytest.fixture(autouse=True)
-def database(db: None) -> None:
-    """Every test here uses the database, so every one also runs on the SQLite pass of `make test`."""
-
-
-@pytest.fixture(autouse=True)
-def fast_password_hashing(settings: Any) -> None:
-    """A million PBKDF2 rounds per user made is for real passwords, not for tests."""
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
 @pytest.fixture

@@ -40,15 +40,7 @@ from tests.test_admin_actions import install_row
 PAGES = ["/", "/jobs/1/", "/settings/"]
 
 
-@pytest.fixture(autouse=True)
-def database(db: None) -> None:
-    """Every test here uses the database, so every one also runs on the SQLite pass of `make test`."""
-
-
-@pytest.fixture(autouse=True)
-def fast_password_hashing(settings: Any) -> None:
-    """A million PBKDF2 rounds per user made is for real passwords, not for tests."""
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("fast_password_hashing")]
 
 
 @pytest.fixture

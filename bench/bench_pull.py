@@ -220,10 +220,11 @@ def child_pull(ref: str, dest: str) -> None:
     )
 
 
-def run_ours(ref: str, dest: Path) -> dict[str, float]:
+def run_child(flag: str, ref: str, path: Path) -> dict[str, float]:
+    """Run one side in a child process (`--child` or `--child-baseline`); its JSON line plus wall time."""
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.bench_pull", "--child", ref, str(dest)],
+        [sys.executable, "-m", "bench.bench_pull", flag, ref, str(path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -233,6 +234,10 @@ def run_ours(ref: str, dest: Path) -> dict[str, float]:
     data = json.loads(proc.stdout.strip().splitlines()[-1])
     data["wall"] = wall
     return data
+
+
+def run_ours(ref: str, dest: Path) -> dict[str, float]:
+    return run_child("--child", ref, dest)
 
 
 def _dir_size(path: Path) -> int:
@@ -272,17 +277,7 @@ def child_baseline(ref: str, workdir: str) -> None:
 
 
 def run_baseline(ref: str, workdir: Path) -> dict[str, float]:
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.bench_pull", "--child-baseline", ref, str(workdir)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    wall = time.perf_counter() - start
-    data = json.loads(proc.stdout.strip().splitlines()[-1])
-    data["wall"] = wall
+    data = run_child("--child-baseline", ref, workdir)
     shutil.rmtree(workdir / "skopeo-dir")
     shutil.rmtree(workdir / "skopeo-root")
     return data

@@ -414,10 +414,20 @@ def _write_meta(op: Operation, concrete: Backend) -> None:
     if live.is_dir():
         layout.write_metadata(live, metadata)  # one atomic rename of the file
     else:
-        staging = op.state.staging(meta.name, f"job-{op.job.pk}")
-        layout.write_metadata(staging, metadata)
-        op.checkpoint("meta-staged", cancellable=False)
-        layout.rename_noreplace(staging, live)
+        # Journaled like any operation, so a concurrent reconcile sees it alive and leaves its
+        # staging directory alone, and a crash before the rename leaves nothing behind.
+        staging = op.state.staging_root / meta.name / f"job-{op.job.pk}"
+        op.journal.begin(op.job.kind, meta.name, op.job.pk, live=live, staging=staging, step="staging")
+        try:
+            staging = op.state.staging(meta.name, f"job-{op.job.pk}")
+            layout.write_metadata(staging, metadata)
+            op.checkpoint("meta-staged", cancellable=False)
+            layout.rename_noreplace(staging, live)
+        except BaseException:
+            layout.remove_tree(staging)
+            raise
+        finally:
+            op.journal.clear(meta.name)
     record_disk_state(op.node, [meta.name], origin=_origin_for(op.job))
 
 

@@ -154,3 +154,26 @@ def test_reconcile_leaves_an_operation_of_a_live_process_alone(published: Any, s
         assert (Path(settings.PORTAL_STATE_PATH) / "journal/cpu-demo.json").exists()
     finally:
         journal.clear("cpu-demo")
+
+
+def test_sigkill_while_writing_a_meta_backend_leaves_no_half_meta(
+    published: Any, settings: Any, gallery_factory: Any
+) -> None:
+    gallery_factory(
+        [
+            {"name": "demo", "capabilities": {"default": "cpu-demo"}},
+            {"name": "cpu-demo", "uri": published.ref},
+        ]
+    )
+
+    done = crash(["install", "demo"], "meta-staged")
+
+    assert done.returncode == -9, done.stderr
+    procedure.reconcile()
+    root = Path(settings.PORTAL_BACKENDS_PATH)
+    assert not (root / "demo").exists()  # the meta never appeared: LocalAI lists nothing half-made
+    assert assert_whole(settings, published) == "v1"  # the concrete backend it had installed is whole
+    assert not InstalledVersion.objects.filter(name="demo").exists()
+    after = run_op(Backend.objects.lookup("demo"), JobKind.INSTALL)
+    assert after.status == JobStatus.SUCCEEDED, after.error
+    assert json.loads((root / "demo/metadata.json").read_text())["meta_backend_for"] == "cpu-demo"

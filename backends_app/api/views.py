@@ -154,9 +154,17 @@ BACKEND_FILTERS = [
     OpenApiParameter("upgrade_available", OpenApiTypes.BOOL, description="Flagged by the last check."),
     OpenApiParameter("installed", OpenApiTypes.BOOL, description="Installed on any node (or on `node`)."),
     OpenApiParameter("pinned", OpenApiTypes.BOOL),
-    OpenApiParameter("node", OpenApiTypes.STR, description="Installed on the node of this name."),
-    OpenApiParameter("gallery", OpenApiTypes.STR, description="In the gallery of this name."),
-    OpenApiParameter("search", OpenApiTypes.STR, description="Part of the backend's name."),
+    OpenApiParameter(
+        "node", {"type": "string", "maxLength": 200}, description="Installed on the node of this name."
+    ),
+    OpenApiParameter(
+        "gallery", {"type": "string", "maxLength": 100}, description="In the gallery of this name."
+    ),
+    OpenApiParameter(
+        "search",
+        {"type": "string", "maxLength": api.NAME_MAX_LENGTH},
+        description="Part of the backend's name.",
+    ),
 ]
 
 
@@ -387,7 +395,11 @@ JOB_ID = OpenApiParameter("id", OpenApiTypes.INT, OpenApiParameter.PATH, descrip
                 description="A status, or `active` (queued or running), or `finished` (any end state).",
             ),
             OpenApiParameter("kind", OpenApiTypes.STR, enum=JobKind.values),
-            OpenApiParameter("backend", OpenApiTypes.STR, description="Backend name or gallery@name."),
+            OpenApiParameter(
+                "backend",
+                {"type": "string", "maxLength": api.NAME_MAX_LENGTH + 101},
+                description="Backend name or gallery@name.",
+            ),
         ],
         responses={200: api.UpgradeJobSerializer(many=True), 400: ERRORS[400]},
     ),

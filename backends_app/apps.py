@@ -11,9 +11,10 @@ class BackendsAppConfig(AppConfig):
     def ready(self) -> None:
         from django.db.models.signals import post_migrate
 
-        from backends_app import checks, signals
+        from backends_app import live, models, signals, system_checks
 
-        del checks  # imported for its @register side effect
+        del system_checks  # imported for its @register side effect
 
         post_migrate.connect(signals.seed_defaults, sender=self)
+        models.job_changed.connect(live.job_changed, dispatch_uid="backends-live-job-pages")
         signals.connect_scheduling(self)

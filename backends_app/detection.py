@@ -1,6 +1,6 @@
 """Upgrade detection: which installed backends have something newer, and why. Never upgrades anything.
 
-`check()` looks at every current, concrete installed backend on every node (a meta backend reports
+`find_upgrades()` looks at every current, concrete installed backend on every node (a meta backend reports
 through its concrete one) and decides, per backend and node:
 
 1. The tag still points at the installed image (one HEAD, digest equal): nothing to upgrade.
@@ -44,10 +44,10 @@ from backends_app.models import (
     Gallery,
     InstalledVersion,
     JobPhase,
-    JobStatus,
     Node,
     UpgradeJob,
 )
+from backends_app.registry import client_from_settings
 
 log = logging.getLogger(__name__)
 
@@ -525,7 +525,7 @@ def _newer_than_hold(target: _Target, version: str) -> bool:
 # --- the check ------------------------------------------------------------------------------------
 
 
-def check(
+def find_upgrades(
     *,
     nodes: Iterable[Node | str] | None = None,
     requested_by: str = "",
@@ -545,7 +545,7 @@ def check(
         report.gallery_errors = _sync_galleries(nodes)
     targets = _targets(nodes)
     own_client = client is None
-    registry = client or _client_from_settings()
+    registry = client or client_from_settings()
     counts_before = registry.request_counts
     if job is not None:
         job.set_phase(JobPhase.RESOLVING, f"checking {_plural(len(targets), 'backend')}")
@@ -563,12 +563,6 @@ def check(
     report.results = _record(verdicts, full=nodes is None)
     report.finished_at = timezone.now()
     return report
-
-
-def _client_from_settings() -> oci.RegistryClient:
-    from backends_app import procedure
-
-    return procedure.client_from_settings()
 
 
 def _sync_galleries(nodes: Iterable[Node | str] | None) -> list[str]:
@@ -786,42 +780,3 @@ def _apply(backend: Backend, group: list[BackendCheck]) -> bool:
     if any(r.release_hold for r in decided):
         backend.held_version = backend.held_digest = backend.held_reason = ""
     return True
-
-
-# --- the job ----------------------------------------------------------------------------------------
-
-
-def run_check_job(job: UpgradeJob) -> UpgradeJob:
-    """Run a CHECK job already started by `procedure.run`: progress on the row, a summary at the end.
-
-    Succeeded when every backend was checked, partly failed when some could not be, failed when
-    none could or the check itself broke. The job row never stays running.
-    """
-    try:
-        nodes = [job.node] if job.node is not None else None
-        report = check(nodes=nodes, requested_by=job.requested_by, job=job)
-    except CheckCancelled as exc:
-        job.finish(str(exc), status=JobStatus.CANCELLED)
-    except Exception as exc:  # the row must never stay "running"
-        log.exception("check job %s failed", job.pk)
-        job.fail(f"check failed: {exc}")
-    else:
-        finish_check_job(job, report)
-    job.refresh_from_db()
-    return job
-
-
-def finish_check_job(job: UpgradeJob, report: CheckReport, note: str = "") -> None:
-    """End a check job with the report's summary (and `note`, e.g. what auto-upgrade did).
-
-    Succeeded when every backend was checked, partly failed when some could not be, failed when
-    none could.
-    """
-    message = f"{report.summary()}; {note}" if note else report.summary()
-    errors, total = len(report.errors), len(report.results)
-    if errors and errors == total:
-        job.fail(message)
-    elif errors:
-        job.finish(message, status=JobStatus.PARTIAL)
-    else:
-        job.finish(message)

@@ -3,7 +3,7 @@
 Two deployment shapes, one consumer (docs/ui.md):
 
 * With a cross-process channel layer (Redis, `REDIS_URL` set), the process running a job publishes
-  every change of its row to the group ``job-<id>`` (`job_changed`, called by `UpgradeJob._update`)
+  every change of its row to the group ``job-<id>`` (`job_changed`, receiving the models' signal)
   and each open job page receives it at once, whichever replica serves it. The consumer also re-reads
   the row every `RESYNC_SECONDS`, for the changes that bypass `_update` (a job started or cancelled)
   and for a message lost while Redis was unreachable.
@@ -90,12 +90,12 @@ def snapshot(job: UpgradeJob) -> dict[str, Any]:
     }
 
 
-def job_changed(job: UpgradeJob, fields: list[str] | tuple[str, ...]) -> None:
+def job_changed(sender: Any, job: UpgradeJob, fields: tuple[str, ...], **kwargs: Any) -> None:
     """Publish a job's new state to its page(s), once the change is committed.
 
-    Called by `UpgradeJob._update` in whatever process runs the job. Does nothing without a
-    cross-process layer (the consumer polls then). A channel-layer failure is logged and never
-    reaches the job: progress display is not worth failing an upgrade for.
+    Receives `models.job_changed`, sent by `UpgradeJob._update` in whatever process runs the job.
+    Does nothing without a cross-process layer (the consumer polls then). A channel-layer failure is
+    logged and never reaches the job: progress display is not worth failing an upgrade for.
     """
     if not set(fields) & set(SHOWN_FIELDS):
         return

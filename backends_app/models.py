@@ -15,9 +15,14 @@ from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import IntegrityError, models, transaction
 from django.db.models import Q
+from django.dispatch import Signal
 from django.utils import timezone
 
 from backends_app import gallery as gallery_index
+
+#: Sent after a job's row changed (`job` the instance, `fields` the names written). The live pages
+#: subscribe in `BackendsAppConfig.ready`; the models never import an entry point.
+job_changed = Signal()
 
 # A node is online while its heartbeat is younger than this.
 HEARTBEAT_TIMEOUT = dt.timedelta(seconds=90)
@@ -813,9 +818,7 @@ class UpgradeJob(models.Model):
         for key, value in fields.items():
             setattr(self, key, value)
         UpgradeJob.objects.filter(pk=self.pk).update(**fields)
-        from backends_app import live  # Channels is only loaded once a job changes
-
-        live.job_changed(self, list(fields))
+        job_changed.send(sender=UpgradeJob, job=self, fields=tuple(fields))
 
     def start(self) -> bool:
         """Move a queued job to running; False when it is no longer queued (cancelled meanwhile)."""

@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
@@ -35,6 +34,7 @@ from backends_app.models import (
     PortalSettings,
     UpgradeJob,
 )
+from backends_app.registry import client_from_settings
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +56,6 @@ class Cancelled(ProcedureError):
 
 class RolledBack(ProcedureError):
     """The new version failed its health check and the previous one was put back."""
-
-
-def client_from_settings(platform: str | None = None) -> oci.RegistryClient:
-    """A registry client configured from the settings (timeouts, retries, insecure hosts, auth)."""
-    auth_file = settings.PORTAL_REGISTRY_AUTH_FILE
-    return oci.RegistryClient(
-        oci.RegistryConfig(
-            insecure_hosts=tuple(settings.PORTAL_INSECURE_REGISTRIES),
-            timeout=(min(10.0, settings.PORTAL_REGISTRY_TIMEOUT), float(settings.PORTAL_REGISTRY_TIMEOUT)),
-            retries=settings.PORTAL_REGISTRY_RETRIES,
-            auth_file=auth_file if auth_file and os.path.exists(auth_file) else None,
-            platform=platform or settings.PORTAL_PLATFORM,
-        )
-    )
 
 
 def crash_point(name: str) -> None:
@@ -131,28 +117,24 @@ class Operation:
         return command, float(spec.get("timeout") or self.settings.health_check_timeout)
 
 
-def run(job_id: int, observer: Callable[[UpgradeJob], None] | None = None) -> UpgradeJob:
-    """Run one queued job to its end, in this process. The tasks and the commands call this.
+def perform(job: UpgradeJob, observer: Callable[[UpgradeJob], None] | None = None) -> str:
+    """Carry out a started install, upgrade, rollback or uninstall job; returns its closing message.
 
+    Raises `Cancelled`, `RolledBack` or another `ProcedureError` (and the `oci`, `layout` and `OSError`
+    errors of the steps) with the backend as it was; `jobs.run` turns each into the job's end state.
     `observer` is called with the job after each change of phase or progress (the commands draw
     their progress bar with it).
     """
-    job = UpgradeJob.objects.select_related("backend__gallery", "node").get(pk=job_id)
-    if not job.start():
-        return job
-    if job.kind == JobKind.CHECK:
-        from backends_app import detection
-
-        return detection.run_check_job(job)
     node = job.node or Node.local()
+    state = layout.StateDirs(node.state_path)
     operation = Operation(
         job=job,
         backend=job.backend,
         node=node,
         settings=PortalSettings.load(),
         backends=Path(node.backends_path),
-        state=layout.StateDirs(node.state_path),
-        journal=layout.Journal(layout.StateDirs(node.state_path).journal_path),
+        state=state,
+        journal=layout.Journal(state.journal_path),
         client=client_from_settings(node.platform),
         observer=observer,
     )
@@ -166,26 +148,14 @@ def run(job_id: int, observer: Callable[[UpgradeJob], None] | None = None) -> Up
         operation.backends.mkdir(parents=True, exist_ok=True)
         operation.state.check(operation.backends)
         operation.state.ensure()
-        message = steps[job.kind](operation)
-    except Cancelled as exc:
-        job.finish(str(exc), status=JobStatus.CANCELLED)
-    except RolledBack as exc:
-        job.fail(str(exc), status=JobStatus.ROLLED_BACK)
-    except (ProcedureError, oci.OCIError, layout.LayoutError, OSError) as exc:
-        job.fail(_describe(exc))
-    except Exception as exc:  # the job row must never stay "running" behind an unexpected error
-        log.exception("job %s failed unexpectedly", job.pk)
-        job.fail(f"unexpected error: {_describe(exc)}")
-    else:
-        job.finish(message)
+        return steps[job.kind](operation)
     finally:
         operation.journal.close()
         operation.client.close()
-    job.refresh_from_db()
-    return job
 
 
-def _describe(exc: BaseException) -> str:
+def describe_failure(exc: BaseException) -> str:
+    """An operator's one-line account of why an operation failed."""
     if isinstance(exc, OSError) and exc.strerror:
         where = f" ({exc.filename})" if exc.filename else ""
         return f"{exc.strerror}{where}"

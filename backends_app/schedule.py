@@ -29,11 +29,10 @@ from django.db.models import Q
 from django.utils import timezone
 from django_q.models import Schedule
 
-from backends_app import detection
+from backends_app import detection, jobs
 from backends_app.models import (
     Backend,
     JobKind,
-    JobStatus,
     Node,
     OperationRefused,
     PortalSettings,
@@ -259,29 +258,20 @@ def _check_then_upgrade(requested_by: str, portal_settings: PortalSettings) -> s
     When a check asked by hand is active (the database allows one active check job), this one still
     runs, without a job row of its own, so the interval's automatic upgrades are not lost.
     """
+
+    def upgrade(report: detection.CheckReport) -> str:
+        try:
+            return auto_upgrade(report, portal_settings).summary()
+        except Exception as exc:
+            log.exception("auto-upgrade after the scheduled check failed")
+            return f"auto-upgrade failed: {exc}"
+
     job, created = UpgradeJob.request_check(requested_by, queue=False)
-    if created:
-        job.start()
-    name = f"check job {job.pk}" if created else f"scheduled check (job {job.pk} was already active)"
-    try:
-        report = detection.check(requested_by=requested_by, job=job if created else None)
-    except detection.CheckCancelled as exc:
-        if created:
-            job.finish(str(exc), status=JobStatus.CANCELLED)
-        return f"{name} cancelled"
-    except Exception as exc:  # the job row must never stay "running"
-        log.exception("%s failed", name)
-        if created:
-            job.fail(f"check failed: {exc}")
-        return f"{name} failed: {exc}"
-    try:
-        upgraded = auto_upgrade(report, portal_settings).summary()
-    except Exception as exc:
-        log.exception("auto-upgrade after %s failed", name)
-        upgraded = f"auto-upgrade failed: {exc}"
-    if created:
-        detection.finish_check_job(job, report, note=upgraded)
-    return f"{name}: {report.summary()}; {upgraded}"
+    if not created:
+        outcome = jobs.run_check(None, requested_by=requested_by, after=upgrade)
+        return f"scheduled check (job {job.pk} was already active): {outcome}"
+    job = jobs.run(job.pk, after_check=upgrade)
+    return f"check job {job.pk}: {job.error or job.message}"
 
 
 def run_scheduled_check(interval: dt.timedelta | None = None) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from backends_app.checks import configured_galleries
+from backends_app.system_checks import configured_galleries
 
 
 def seed_defaults(**kwargs: Any) -> None:

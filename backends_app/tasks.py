@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from backends_app import procedure
+from backends_app import jobs
 from backends_app.models import Gallery
 
 
 def run_job(job_id: int) -> str:
     """Run one queued UpgradeJob (install, upgrade, rollback, uninstall or check)."""
-    job = procedure.run(job_id)
+    job = jobs.run(job_id)
     return f"job {job.pk} {job.status}: {job.error or job.message}"
 
 

@@ -8,7 +8,7 @@ tag (500 tags in one repository, as LocalAI's gallery keeps its backends), and r
 installed in a throwaway SQLite database (``DATABASE_URL`` and ``PORTAL_DATA_DIR`` point into a
 temporary directory). Then, in the same run, it times:
 
-* ours: ``detection.check()`` end to end (rows read, registry lookups on the thread pool, verdicts
+* ours: ``detection.find_upgrades()`` end to end (rows read, registry lookups on the thread pool, verdicts
   written), with a fresh registry client per round as a scheduled run has;
 * (a) ``skopeo inspect --tls-verify=false docker://...`` per tag, sequentially, on a sample of
   ``--skopeo-sample`` tags, extrapolated per tag to all of them;
@@ -178,11 +178,11 @@ def record_installed(host: str, repo: str, tags: list[tuple[str, str]]) -> None:
 
 
 def run_ours() -> tuple[float, Any]:
-    from backends_app import detection, procedure
+    from backends_app import detection, registry
 
     started = time.perf_counter()
-    with procedure.client_from_settings(PLATFORM) as client:
-        report = detection.check(sync_galleries=False, client=client)
+    with registry.client_from_settings(PLATFORM) as client:
+        report = detection.find_upgrades(sync_galleries=False, client=client)
     return time.perf_counter() - started, report
 
 
@@ -357,7 +357,7 @@ left out: it is one conditional GET of the gallery index, not a registry request
 
 | approach | time for {len(tags)} tags | per tag | registry saw | ours is |
 | --- | ---: | ---: | --- | ---: |
-| ours: `detection.check()` end to end (DB read, lookups, DB write) | {ours_s:.3f} s | \
+| ours: `detection.find_upgrades()` end to end (DB read, lookups, DB write) | {ours_s:.3f} s | \
 {ours_s / len(tags) * 1000:.2f} ms | {_fmt_counts(ours_counts)} | |
 | (a) `skopeo inspect` per tag (timed on {len(sample)} tags, extrapolated) | {skopeo_total:.1f} s | \
 {skopeo_seconds / len(sample) * 1000:.1f} ms | {_fmt_counts(skopeo_counts)} for {len(sample)} tags \

@@ -9,7 +9,7 @@ starts N real worker processes (``manage.py worker --node nK --backends-path ...
 each), and times, from this process as a web replica would ask:
 
 * a fleet-wide install of every backend on every node (one fan-out parent job per backend);
-* a fleet-wide check after every tag moved (``detection.check()``: one HEAD per distinct tag, then
+* a fleet-wide check after every tag moved (``detection.find_upgrades()``: one HEAD per distinct tag, then
   the platform manifests, for every node's installed backends);
 * a fleet-wide upgrade of every backend (fan-out again; each node pulls and swaps on its own disk).
 
@@ -162,7 +162,7 @@ def measure(size_nodes: int, names: list[str], workdir: Path, registry: Any, rep
         install = fan_out("install", names, nodes)
         publish(registry, repo, len(names), "v2", args.size_mib << 20)
         start = time.perf_counter()
-        report = detection.check()
+        report = detection.find_upgrades()
         check = time.perf_counter() - start
         flagged = sum(1 for row in report.rows if row["upgrade_available"])
         if flagged != len(names) * size_nodes:

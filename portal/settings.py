@@ -1,6 +1,6 @@
 """Settings for Backend Portal, driven by environment variables.
 
-Every knob is documented in docs/configuration.md. Defaults give the embedded shape: SQLite, the
+Every knob is documented in the README's configuration table. Defaults give the embedded shape: SQLite, the
 django-q2 ORM broker and a backends directory under the data folder.
 """
 

@@ -131,11 +131,11 @@ def image(version: str, *, executable: bool = True, extra: dict[str, Any] | None
 
 def run_op(backend: Any, kind: str, **kwargs: Any) -> Any:
     """Ask for an operation and run it here, as the commands do; returns the finished job."""
-    from backends_app import procedure
+    from backends_app import jobs
 
     job, created = backend.request(kind, queue=False, requested_by="test", **kwargs)
     assert created
-    return procedure.run(job.pk)
+    return jobs.run(job.pk)
 
 
 def live_version(settings: Any, name: str) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from backends_app import detection, oci, procedure
+from backends_app import detection, jobs, oci
 from backends_app.models import (
     Backend,
     Gallery,
@@ -58,7 +58,7 @@ def install(name: str) -> InstalledVersion:
     """Install through the real procedure, as `manage.py backends install` does."""
     backend = Backend.objects.lookup(name)
     job, _ = backend.request(JobKind.INSTALL, queue=False)
-    job = procedure.run(job.pk)
+    job = jobs.run(job.pk)
     assert job.status == JobStatus.SUCCEEDED, job.error
     return InstalledVersion.objects.get(node=Node.local(), name=name, state=InstalledVersion.State.CURRENT)
 
@@ -129,7 +129,7 @@ def test_unchanged_backends_cost_one_head_per_distinct_tag_and_no_get(
     proxy.log.clear()
 
     with registry.client() as client:
-        report = detection.check(client=client)
+        report = detection.find_upgrades(client=client)
         counts = client.request_counts
 
     assert len(report.results) == 6
@@ -153,7 +153,7 @@ def test_a_new_push_to_the_tag_is_flagged_with_its_reason(
     new_digest = push(registry, ref, "alpha build 2")
 
     with registry.client() as client:
-        report = detection.check(client=client)
+        report = detection.find_upgrades(client=client)
         counts = client.request_counts
 
     result = row(report, "alpha")
@@ -186,7 +186,7 @@ def test_a_rebuild_for_another_platform_only_is_not_flagged(
 
     registry.push_platforms({AMD64: files("amd64 1"), "linux/arm64": files("arm64 2")}, repo=repo)
     with registry.client() as client:
-        report = detection.check(client=client)
+        report = detection.find_upgrades(client=client)
     result = row(report, "multi")
     assert result["upgrade_available"] is False and result["reason"] == ""
     assert "linux/amd64 image is unchanged" in result["note"]
@@ -195,7 +195,7 @@ def test_a_rebuild_for_another_platform_only_is_not_flagged(
 
     registry.push_platforms({AMD64: files("amd64 2"), "linux/arm64": files("arm64 2")}, repo=repo)
     with registry.client() as client:
-        report = detection.check(client=client)
+        report = detection.find_upgrades(client=client)
     result = row(report, "multi")
     assert result["upgrade_available"] is True
     assert result["reason"].startswith("new build for linux/amd64: sha256:")
@@ -208,7 +208,7 @@ def test_declared_versions_are_compared_in_order(registry: RegistryServer, index
 
     index.put("versioned", ref, version="1.1.0")  # a lower version is never an upgrade
     with registry.client() as client:
-        report = detection.check(client=client)
+        report = detection.find_upgrades(client=client)
     result = row(report, "versioned")
     assert result["upgrade_available"] is False and result["reason"] == ""
     assert result["note"] == "gallery version 1.1.0 is lower than installed 1.2.0: not an upgrade"
@@ -216,7 +216,7 @@ def test_declared_versions_are_compared_in_order(registry: RegistryServer, index
 
     index.put("versioned", ref, version="v1.10.0")
     with registry.client() as client:
-        report = detection.check(client=client)
+        report = detection.find_upgrades(client=client)
         counts = client.request_counts
     result = row(report, "versioned")
     assert result["upgrade_available"] is True
@@ -236,7 +236,7 @@ def test_a_registry_answering_429_is_waited_for_not_hammered(
     )
 
     with registry.client(retries=3, max_retry_wait=5.0) as client:
-        report = detection.check(client=client)
+        report = detection.find_upgrades(client=client)
 
     heads = [(at, status) for at, method, _, status in proxy.log if method == "HEAD"]
     assert [status for _, status in heads] == [429, 200]
@@ -256,7 +256,7 @@ def test_one_failing_backend_does_not_stop_the_others(
     index.put("bad", f"{registry.host}/{registry.unique_repo('missing')}:latest")  # unknown repository
 
     job = UpgradeJob.objects.create(kind=JobKind.CHECK, requested_by="test")
-    job = procedure.run(job.pk)  # as a worker runs it
+    job = jobs.run(job.pk)  # as a worker runs it
 
     assert job.status == JobStatus.PARTIAL, list(Backend.objects.values_list("name", "last_error"))
     assert job.message == "checked 2 backends: 1 upgrade available, 1 error"
@@ -279,7 +279,7 @@ def test_pinned_and_held_targets_are_reported_not_flagged(
     Backend.objects.get(name="held").hold(version="", digest=bad_digest, reason="health check failed: exit 1")
 
     with registry.client() as client:
-        report = detection.check(client=client)
+        report = detection.find_upgrades(client=client)
 
     pinned, held = row(report, "pinned"), row(report, "held")
     assert pinned["upgrade_available"] is False and pinned["pinned"] is True
@@ -291,7 +291,7 @@ def test_pinned_and_held_targets_are_reported_not_flagged(
 
     fixed = push(registry, held_ref, "held build 3")  # something newer than the held target
     with registry.client() as client:
-        report = detection.check(client=client)
+        report = detection.find_upgrades(client=client)
     held_backend = Backend.objects.get(name="held")
     assert row(report, "held")["upgrade_available"] is True
     assert held_backend.held_digest == "" and held_backend.upgrade_available
@@ -306,7 +306,7 @@ def test_a_gallery_that_cannot_be_fetched_keeps_its_last_data(
     index.path.unlink()
 
     with registry.client() as client:
-        report = detection.check(client=client)
+        report = detection.find_upgrades(client=client)
 
     assert row(report, "alpha")["upgrade_available"] is True
     assert len(report.gallery_errors) == 1
@@ -318,7 +318,7 @@ def test_a_check_job_records_progress_and_a_summary(registry: RegistryServer, in
     for name in ("one", "two", "three"):
         installed_backend(registry, index, name)
     job = UpgradeJob.objects.create(kind=JobKind.CHECK, requested_by="test")
-    job = procedure.run(job.pk)
+    job = jobs.run(job.pk)
     assert job.status == JobStatus.SUCCEEDED, job.error
     assert job.message == "checked 3 backends: 0 upgrades available, 0 errors"
     assert (job.bytes_done, job.bytes_total, job.percent) == (3, 3, 100.0)

@@ -174,7 +174,7 @@ def test_auto_upgrade_fans_out_one_parent_job_to_the_flagged_nodes(
     portal_settings.auto_upgrade_backends = True
     portal_settings.save()
 
-    result = schedule.auto_upgrade(detection.check(), portal_settings)
+    result = schedule.auto_upgrade(detection.find_upgrades(), portal_settings)
 
     assert len(result.queued) == 1, result.summary()
     parent = UpgradeJob.objects.get(kind=JobKind.UPGRADE, parent=None)

@@ -17,8 +17,8 @@ from django.contrib.auth import get_user_model
 from django.core.checks import run_checks
 from django.core.management import call_command
 
-from backends_app.checks import configured_galleries
 from backends_app.models import Gallery, Node, PortalSettings
+from backends_app.system_checks import configured_galleries
 from tests.conftest import REPO
 
 

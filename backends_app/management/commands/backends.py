@@ -16,7 +16,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
-from backends_app import oci, procedure
+from backends_app import detection, jobs, oci, procedure, registry
 from backends_app.models import (
     Backend,
     InstalledVersion,
@@ -184,11 +184,9 @@ class Command(BaseCommand):
         if bool(names) == bool(all):
             raise CommandError("name the backends to upgrade, or pass --all (not both)")
         if all:
-            from backends_app import detection
-
             node = Node.local()
             # A fresh look first (side-effect free), so "all" means what is available now.
-            report = detection.check(nodes=[node], requested_by=self.requested_by)
+            report = detection.find_upgrades(nodes=[node], requested_by=self.requested_by)
             for row in report.errors:
                 self.stderr.write(f"{row.name}: check failed: {row.error}")
             backends = list(Backend.objects.upgradable().installed_on(node).select_related("gallery"))
@@ -259,7 +257,7 @@ class Command(BaseCommand):
         display = _Progress(self, job, tty=sys.stdout.isatty() and not quiet, quiet=quiet)
         try:
             if run:
-                return procedure.run(job.pk, observer=display.update)
+                return jobs.run(job.pk, observer=display.update)
             while job.is_active:
                 display.update(job)
                 time.sleep(0.2)
@@ -299,9 +297,7 @@ class Command(BaseCommand):
         self.stdout.write(report.summary())
 
     def handle_check(self, json: bool = False, **options: Any) -> None:
-        from backends_app import detection
-
-        report = detection.check(requested_by=self.requested_by)
+        report = detection.find_upgrades(requested_by=self.requested_by)
         if json:
             self.stdout.write(_json(report.rows))
         else:
@@ -321,7 +317,7 @@ class Command(BaseCommand):
         if not (path / "run.sh").is_file():
             raise CommandError(f"{path} has no run.sh: not a backend directory")
         try:
-            client = procedure.client_from_settings()
+            client = registry.client_from_settings()
             with client:
                 digest = oci.publish(
                     path, reference, version=image_version, platforms=platform, client=client

@@ -10,6 +10,8 @@ from typing import Any
 from django.conf import settings
 from django.core.checks import Error, Warning, register
 
+from backends_app import layout
+
 
 def configured_galleries(value: str | None = None) -> list[tuple[str, str]]:
     """The galleries named by PORTAL_GALLERIES as (name, url) pairs.
@@ -56,30 +58,23 @@ def portal_settings_check(app_configs: Any = None, **kwargs: Any) -> list[Error 
     except ValueError as exc:
         problems.append(Error(str(exc), id="portal.E002"))
     backends = Path(settings.PORTAL_BACKENDS_PATH)
-    state = Path(settings.PORTAL_STATE_PATH)
-    for label, path in (("PORTAL_BACKENDS_PATH", backends), ("PORTAL_STATE_PATH", state)):
-        anchor = _nearest_existing(path)
-        if path.exists() and not path.is_dir():
-            problems.append(Error(f"{label}={path} exists and is not a directory", id="portal.E003"))
-        elif not os.access(anchor, os.W_OK):
-            problems.append(Error(f"{label}={path} is not writable (checked {anchor})", id="portal.E004"))
-    if state == backends or backends in state.parents:
+    anchor = _nearest_existing(backends)
+    if backends.exists() and not backends.is_dir():
         problems.append(
-            Error(
-                f"PORTAL_STATE_PATH={state} is inside the backends directory, where LocalAI would list it "
-                "as a backend",
-                hint="Leave PORTAL_STATE_PATH unset to use a directory beside the backends directory.",
-                id="portal.E005",
-            )
+            Error(f"PORTAL_BACKENDS_PATH={backends} exists and is not a directory", id="portal.E003")
         )
-    elif _nearest_existing(state).stat().st_dev != _nearest_existing(backends).stat().st_dev:
+    elif not os.access(anchor, os.W_OK):
         problems.append(
-            Error(
-                f"PORTAL_STATE_PATH={state} is on another filesystem than {backends}; upgrades need "
-                "atomic renames between them",
-                id="portal.E006",
-            )
+            Error(f"PORTAL_BACKENDS_PATH={backends} is not writable (checked {anchor})", id="portal.E004")
         )
+    problems += [
+        Error(
+            f"PORTAL_STATE_PATH: {problem}",
+            hint="Leave PORTAL_STATE_PATH unset to use a directory beside the backends directory.",
+            id="portal.E005",
+        )
+        for problem in layout.state_path_problems(backends, settings.PORTAL_STATE_PATH)
+    ]
     if len(settings.PORTAL_PLATFORM.split("/")) not in (2, 3):
         problems.append(
             Error(f"PORTAL_PLATFORM={settings.PORTAL_PLATFORM!r} is not os/arch[/variant]", id="portal.E007")

@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from backends_app import detection, layout, oci, procedure
+from backends_app import detection, oci, procedure
+from backends_app.disk import layout
 from backends_app.models import JobKind, JobStatus, UpgradeJob
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,10 @@ from pathlib import Path
 from django.db import transaction
 from django.utils import timezone
 
-from backends_app import layout, oci
+from backends_app import oci
+from backends_app.disk import fsops, layout
+from backends_app.disk.health import health_check
+from backends_app.disk.journal import Journal, JournalRecord
 from backends_app.models import (
     Backend,
     InstalledVersion,
@@ -77,7 +80,7 @@ class Operation:
     settings: PortalSettings
     backends: Path
     state: layout.StateDirs
-    journal: layout.Journal
+    journal: Journal
     client: oci.RegistryClient
     observer: Callable[[UpgradeJob], None] | None = None
     _next_cancel_poll: float = 0.0
@@ -134,7 +137,7 @@ def perform(job: UpgradeJob, observer: Callable[[UpgradeJob], None] | None = Non
         settings=PortalSettings.load(),
         backends=Path(node.backends_path),
         state=state,
-        journal=layout.Journal(state.journal_path),
+        journal=Journal(state.journal_path),
         client=client_from_settings(node.platform),
         observer=observer,
     )
@@ -146,7 +149,7 @@ def perform(job: UpgradeJob, observer: Callable[[UpgradeJob], None] | None = Non
     }
     try:
         operation.backends.mkdir(parents=True, exist_ok=True)
-        operation.state.check(operation.backends)
+        operation.state.require_usable(operation.backends)
         operation.state.ensure()
         return steps[job.kind](operation)
     finally:
@@ -207,7 +210,7 @@ def install_concrete(op: Operation, backend: Backend) -> str:
             source=resolved.source,
         )
         needed = int(resolved.total_compressed_size * (1 + UNPACK_RATIO))
-        layout.ensure_free_space(op.state.root, needed, SPACE_MARGIN)
+        fsops.ensure_free_space(op.state.root, needed, SPACE_MARGIN)
         op.checkpoint("resolved")
 
         op.phase(JobPhase.DOWNLOADING, f"downloading {resolved.source}")
@@ -230,14 +233,14 @@ def install_concrete(op: Operation, backend: Backend) -> str:
                 digest=pulled.digest,
             ),
         )
-        precheck = layout.health_check(staging)
+        precheck = health_check(staging)
         if not precheck.ok:
             raise ProcedureError(f"the image of {name} is not a backend: {precheck.detail}")
-        layout.sync_tree(staging)
+        fsops.sync_tree(staging)
         op.checkpoint("staged")
     except BaseException:
         # Nothing live was touched: drop what was staged, end the journal.
-        layout.remove_tree(staging)
+        fsops.remove_tree(staging)
         op.journal.clear(name)
         raise
     _swap_in(op, backend, source=staging, source_is_kept=False)
@@ -289,18 +292,18 @@ def _swap_in_steps(op: Operation, backend: Backend, *, source: Path, source_is_k
     if had_previous:
         op.journal.advance(name, "swapping", kept=kept)
         op.checkpoint("before-swap", cancellable=False)
-        layout.exchange(source, live)
+        fsops.exchange(source, live)
     else:
         op.journal.advance(name, "moving-in")
         op.checkpoint("before-swap", cancellable=False)
-        layout.rename_noreplace(source, live)
+        fsops.rename_noreplace(source, live)
     op.checkpoint("after-swap", cancellable=False)
     op.journal.advance(name, "swapped")
     op.checkpoint("swapped", cancellable=False)
 
     op.phase(JobPhase.HEALTH_CHECK, f"checking {name}")
     command, timeout = op.health_command()
-    health = layout.health_check(live, command, timeout, backends_path=op.backends)
+    health = health_check(live, command, timeout, backends_path=op.backends)
     op.checkpoint("health-checked", cancellable=False)
     if not health.ok:
         _revert(op, name, source=source, had_previous=had_previous, source_is_kept=source_is_kept)
@@ -316,7 +319,7 @@ def _swap_in_steps(op: Operation, backend: Backend, *, source: Path, source_is_k
     op.checkpoint("confirmed", cancellable=False)
     op.phase(JobPhase.CLEANUP, "keeping the previous version")
     if had_previous:
-        layout.rename_noreplace(source, kept)
+        fsops.rename_noreplace(source, kept)
     op.checkpoint("kept", cancellable=False)
     _prune_kept(op, name)
     op.checkpoint("pruned", cancellable=False)
@@ -334,9 +337,9 @@ def _revert(op: Operation, name: str, *, source: Path, had_previous: bool, sourc
     op.journal.advance(name, "reverting")
     op.checkpoint("reverting", cancellable=False)
     if had_previous:
-        layout.exchange(source, live)
+        fsops.exchange(source, live)
     else:
-        layout.rename_noreplace(live, source)
+        fsops.rename_noreplace(live, source)
     op.journal.advance(name, "reverted")
     op.checkpoint("reverted", cancellable=False)
     if not source_is_kept:
@@ -367,7 +370,7 @@ def _prune_kept(op: Operation, name: str) -> None:
 
 def _to_trash(op: Operation, path: Path) -> None:
     if path.exists() or path.is_symlink():
-        layout.rename_noreplace(path, op.state.trash_slot(path.name))
+        fsops.rename_noreplace(path, op.state.trash_slot(path.name))
 
 
 def _write_meta(op: Operation, concrete: Backend) -> None:
@@ -392,9 +395,9 @@ def _write_meta(op: Operation, concrete: Backend) -> None:
             staging = op.state.staging(meta.name, f"job-{op.job.pk}")
             layout.write_metadata(staging, metadata)
             op.checkpoint("meta-staged", cancellable=False)
-            layout.rename_noreplace(staging, live)
+            fsops.rename_noreplace(staging, live)
         except BaseException:
-            layout.remove_tree(staging)
+            fsops.remove_tree(staging)
             raise
         finally:
             op.journal.clear(meta.name)
@@ -464,7 +467,7 @@ def uninstall(op: Operation) -> str:
         op.journal.begin("uninstall", name, op.job.pk, live=live, trash=slot, step="removing")
         op.checkpoint("before-remove", cancellable=False)
         if live.exists() or live.is_symlink():
-            layout.rename_noreplace(live, slot)
+            fsops.rename_noreplace(live, slot)
         for kept in op.state.kept_versions(name):
             _to_trash(op, kept)
         op.checkpoint("removed", cancellable=False)
@@ -625,7 +628,7 @@ def reconcile(node: Node | None = None) -> ReconcileReport:
     node = node or Node.local()
     state = layout.StateDirs(node.state_path)
     state.ensure()
-    journal = layout.Journal(state.journal_path)
+    journal = Journal(state.journal_path)
     recovered: list[str] = []
     busy: set[str] = set()
     try:
@@ -649,7 +652,7 @@ def reconcile(node: Node | None = None) -> ReconcileReport:
                 continue
             for leftover in list(parent.iterdir()) if parent.is_dir() else []:
                 if leftover not in named:
-                    layout.remove_tree(leftover)
+                    fsops.remove_tree(leftover)
                     removed += 1
     removed += state.empty_trash()
     interrupted = []
@@ -668,14 +671,14 @@ def _mark_interrupted(job_id: str, message: str) -> None:
         job.fail(message, status=JobStatus.INTERRUPTED)
 
 
-def _recover(journal: layout.Journal, state: layout.StateDirs, record: layout.JournalRecord) -> str:
+def _recover(journal: Journal, state: layout.StateDirs, record: JournalRecord) -> str:
     """Bring one interrupted operation to a whole state, following docs/on-disk-layout.md."""
     name, step, op = record.backend, record.step, record.op
     live, staging, kept = Path(record.live), record.path("staging"), record.path("kept")
 
     def trash(path: Path | None) -> None:
         if path is not None and (path.exists() or path.is_symlink()):
-            layout.rename_noreplace(path, state.trash_slot(path.name))
+            fsops.rename_noreplace(path, state.trash_slot(path.name))
 
     if op == "uninstall":
         if record.now_at("live") == "live":
@@ -701,7 +704,7 @@ def _recover(journal: layout.Journal, state: layout.StateDirs, record: layout.Jo
             and kept is not None
             and not kept.exists()
         ):
-            layout.rename_noreplace(staging, kept)
+            fsops.rename_noreplace(staging, kept)
         journal.clear(name)
         return "the new version is in place"
     # Not confirmed: roll back. Was the new tree live when the process died?
@@ -715,9 +718,9 @@ def _recover(journal: layout.Journal, state: layout.StateDirs, record: layout.Jo
         if step != "reverting":
             journal.advance(name, "reverting")
         if had_previous:
-            layout.exchange(staging, live)
+            fsops.exchange(staging, live)
         else:
-            layout.rename_noreplace(live, staging)
+            fsops.rename_noreplace(live, staging)
     journal.advance(name, "reverted")
     if not source_is_kept:
         trash(staging)

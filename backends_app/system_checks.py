@@ -10,7 +10,7 @@ from typing import Any
 from django.conf import settings
 from django.core.checks import Error, Warning, register
 
-from backends_app import layout
+from backends_app.disk import layout
 
 
 def configured_galleries(value: str | None = None) -> list[tuple[str, str]]:

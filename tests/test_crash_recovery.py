@@ -142,9 +142,9 @@ def test_sigkill_at_any_step_leaves_the_backend_whole(
 
 
 def test_reconcile_leaves_an_operation_of_a_live_process_alone(published: Any, settings: Any) -> None:
-    from backends_app import layout
+    from backends_app.disk.journal import Journal
 
-    journal = layout.Journal(Path(settings.PORTAL_STATE_PATH) / "journal")
+    journal = Journal(Path(settings.PORTAL_STATE_PATH) / "journal")
     live = Path(settings.PORTAL_BACKENDS_PATH) / "cpu-demo"
     run_op(published.backend, JobKind.INSTALL)
     journal.begin("upgrade", "cpu-demo", 999, live=live, step="staging")

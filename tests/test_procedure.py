@@ -11,7 +11,8 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.db import connection
 
-from backends_app import layout, procedure
+from backends_app import procedure
+from backends_app.disk import layout
 from backends_app.models import (
     Backend,
     InstalledVersion,

@@ -55,7 +55,7 @@ from typing import Any, TypeVar
 import requests
 import urllib3
 
-from backends_app.layout import tree_size
+from backends_app.disk.fsops import tree_size
 
 from .errors import (
     AllSourcesFailed,

@@ -16,26 +16,30 @@ from pathlib import Path
 
 import pytest
 
-from backends_app.layout import (
-    BackendMetadata,
-    Journal,
-    LayoutError,
-    StateDirs,
+from backends_app.disk.fsops import (
+    _rename_noreplace_portable as rename_noreplace_portable,
+)
+from backends_app.disk.fsops import (
     ensure_free_space,
     exchange,
-    format_rfc3339,
     free_bytes,
-    health_check,
-    read_metadata,
     remove_tree,
     rename_noreplace,
     same_filesystem,
+    tree_size,
+)
+from backends_app.disk.health import health_check
+from backends_app.disk.journal import Journal
+from backends_app.disk.layout import (
+    BackendMetadata,
+    LayoutError,
+    StateDirs,
+    format_rfc3339,
+    read_metadata,
     scan,
     state_path_problems,
-    tree_size,
     write_metadata,
 )
-from backends_app.layout import _rename_noreplace_portable as rename_noreplace_portable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -344,7 +348,7 @@ def test_state_path_inside_backends_or_on_another_filesystem_is_reported(tmp_pat
     elsewhere = state_path_problems(backends, "/proc/portal-state")
     assert any("on another filesystem" in problem for problem in elsewhere)
     with pytest.raises(LayoutError, match="another filesystem"):
-        StateDirs("/proc/portal-state").check(backends)
+        StateDirs("/proc/portal-state").require_usable(backends)
 
 
 # --- journal -----------------------------------------------------------------------------------
@@ -355,7 +359,7 @@ def crash_mid_upgrade(journal_dir: Path, live: Path, staging: Path) -> None:
     script = textwrap.dedent(
         f"""
         import os
-        from backends_app.layout import Journal
+        from backends_app.disk.journal import Journal
         journal = Journal({str(journal_dir)!r})
         journal.begin("upgrade", "llama", 42, live={str(live)!r}, staging={str(staging)!r}, step="staging")
         journal.advance("llama", "swapping", extra={{"new_digest": "sha256:abc"}})
@@ -492,7 +496,7 @@ def test_remove_tree_removes_read_only_and_unlistable_directories() -> None:
             f"""
             import os
             from pathlib import Path
-            from backends_app.layout import remove_tree
+            from backends_app.disk.fsops import remove_tree
             tree = Path({str(workdir)!r}) / "tree"
             (tree / "ro" / "deep").mkdir(parents=True)
             (tree / "ro" / "deep" / "f").write_text("x")

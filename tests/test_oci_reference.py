@@ -19,7 +19,8 @@ from backends_app.oci import (
     is_loopback_host,
     parse_reference,
 )
-from backends_app.oci.client import _load_auth_file, _parse_challenge, parse_retry_after
+from backends_app.oci.auth import load_auth_file, parse_challenge
+from backends_app.oci.client import parse_retry_after
 from backends_app.oci.manifest import select_platform
 
 DIGEST = "sha256:" + "ab" * 32
@@ -170,7 +171,7 @@ def test_retry_after_accepts_seconds_and_http_dates() -> None:
 
 
 def test_bearer_challenges_parse_like_quay_and_docker_hub_send_them() -> None:
-    scheme, params = _parse_challenge(
+    scheme, params = parse_challenge(
         'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
         'scope="repository:library/ubuntu:pull"'
     )
@@ -180,7 +181,7 @@ def test_bearer_challenges_parse_like_quay_and_docker_hub_send_them() -> None:
         "service": "registry.docker.io",
         "scope": "repository:library/ubuntu:pull",
     }
-    assert _parse_challenge('Basic realm="Registry Realm"') == ("basic", {"realm": "Registry Realm"})
+    assert parse_challenge('Basic realm="Registry Realm"') == ("basic", {"realm": "Registry Realm"})
 
 
 def test_docker_config_auths_are_read_per_host(tmp_path: Path) -> None:
@@ -197,15 +198,15 @@ def test_docker_config_auths_are_read_per_host(tmp_path: Path) -> None:
             }
         )
     )
-    assert _load_auth_file(config) == {
+    assert load_auth_file(config) == {
         "docker.io": ("hubuser", "hub:pw"),
         "quay.io": ("robot+x", "secret"),
         "ghcr.io": ("u", "p"),
     }
     client = RegistryClient(RegistryConfig(auth_file=config, credentials={"quay.io": ("other", "pw2")}))
     # Explicit credentials win over the file.
-    assert client._credentials_for(parse_reference("quay.io/a/b")) == ("other", "pw2")
-    assert client._credentials_for(parse_reference("ubuntu")) == ("hubuser", "hub:pw")
+    assert client._credentials.for_reference(parse_reference("quay.io/a/b")) == ("other", "pw2")
+    assert client._credentials.for_reference(parse_reference("ubuntu")) == ("hubuser", "hub:pw")
 
 
 def test_a_malformed_auth_file_entry_is_named_without_its_content(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Talking to OCI registries: connections, auth, retries, resolving tags and pulling images.
+"""Talking to OCI registries: connections, retries, resolving tags and pulling images.
 
 Connections. One ``requests.Session`` (one connection pool) per registry host, created on first use.
 Every request has a (connect, read) timeout; connection errors, timeouts and 5xx answers are retried
@@ -11,12 +11,8 @@ hosts (``localhost``, 127.0.0.0/8, ``::1``; no configuration needed, as with Doc
 HTTPS is tried first without certificate verification and, if the server does not speak TLS, plain
 HTTP is used and remembered for the life of the client.
 
-Auth. Anonymous bearer tokens (``WWW-Authenticate: Bearer realm=...,service=...,scope=...``, the
-quay.io / Docker Hub flow), Bearer tokens obtained with Basic credentials, and plain Basic auth.
-Credentials come from ``RegistryConfig.credentials`` (``{host: (user, password)}``) or the
-``auths`` of a docker ``config.json`` (``auth_file``; credential helpers are not supported).
-Credentials never appear in log lines or exception messages, and are never sent over plain HTTP to
-a host that is not loopback or marked insecure.
+Auth. The schemes, credentials and tokens are ``auth.py``'s; this module sends the requests a
+401 challenge calls for (with the same retries as any request).
 
 Threads. A :class:`RegistryClient` may be shared by the threads of a pool: the host table, the
 token cache and the request counters are guarded by locks, and ``requests`` sessions are safe for
@@ -30,15 +26,12 @@ layer. A first contact with a bearer-token registry adds the 401 and one token G
 
 from __future__ import annotations
 
-import base64
-import binascii
 import collections
 import contextlib
 import email.utils
 import functools
 import hashlib
 import ipaddress
-import json
 import logging
 import os
 import random
@@ -57,6 +50,7 @@ import urllib3
 
 from backends_app.disk.fsops import tree_size
 
+from . import auth
 from .errors import (
     AllSourcesFailed,
     AuthError,
@@ -79,7 +73,7 @@ from .manifest import (
     media_type_of,
     select_platform,
 )
-from .reference import DOCKER_HUB, Reference, parse_reference, validate_digest
+from .reference import Reference, parse_reference, validate_digest
 from .unpack import COPY_CHUNK, PROGRESS_INTERVAL, ProgressCallback, unpack_layers
 
 # Only hosts the operator marked insecure (or loopback) are reached without verifying certificates;
@@ -92,8 +86,6 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 POOL_SIZE = 8
 _RETRY_STATUSES = frozenset({500, 502, 503, 504})
-_CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
-_DOCKER_HUB_AUTH_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "registry-1.docker.io")
 
 
 @dataclass
@@ -192,10 +184,7 @@ class _Host:
     session: requests.Session
     relaxed: bool  # loopback or insecure: HTTP fallback and no certificate verification
     scheme: str | None = None  # None until the first answer when relaxed, else "https"
-    auth_scheme: str | None = None  # "basic" or "bearer" once a 401 told us
-    bearer: dict[str, str] = field(default_factory=dict)  # realm, service from the challenge
-    tokens: dict[str, tuple[str, float]] = field(default_factory=dict)  # scope -> (token, expiry)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    auth_state: auth.HostAuth = field(default_factory=auth.HostAuth)
 
 
 def is_loopback_host(host: str) -> bool:
@@ -217,41 +206,6 @@ def _strip_port(host: str) -> str:
     return host
 
 
-def _normalise_auth_key(key: str) -> str:
-    """``https://index.docker.io/v1/`` -> ``docker.io``; ``https://quay.io`` -> ``quay.io``."""
-    if "://" in key:
-        key = urllib.parse.urlsplit(key).netloc or key
-    key = key.split("/", 1)[0].lower()
-    if key in ("index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"):
-        return DOCKER_HUB
-    return key
-
-
-def _load_auth_file(path: str | os.PathLike[str]) -> dict[str, tuple[str, str]]:
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise OCIError(f"registry auth file {os.fspath(path)} does not exist") from None
-    except (OSError, ValueError) as exc:
-        raise OCIError(f"registry auth file {os.fspath(path)} is unreadable ({type(exc).__name__})") from None
-    found: dict[str, tuple[str, str]] = {}
-    auths = data.get("auths") if isinstance(data, dict) else None
-    for key, entry in (auths or {}).items():
-        if not isinstance(entry, dict):
-            continue
-        if entry.get("auth"):
-            try:
-                user, sep, password = base64.b64decode(entry["auth"]).decode().partition(":")
-            except (binascii.Error, UnicodeDecodeError, ValueError):
-                # Say which entry, never its content.
-                raise OCIError(f"registry auth file: entry {key!r} has a malformed 'auth' field") from None
-            if sep:
-                found[_normalise_auth_key(key)] = (user, password)
-        elif entry.get("username") and entry.get("password"):
-            found[_normalise_auth_key(key)] = (str(entry["username"]), str(entry["password"]))
-    return found
-
-
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
     """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date), or None."""
     if not value:
@@ -264,15 +218,6 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
-
-
-def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
-    scheme, _, rest = header.strip().partition(" ")
-    params = {
-        m.group(1).lower(): (m.group(2) if m.group(2) is not None else m.group(3))
-        for m in _CHALLENGE_PARAM.finditer(rest)
-    }
-    return scheme.lower(), params
 
 
 def _registry_error(response: requests.Response) -> str:
@@ -302,10 +247,7 @@ class RegistryClient:
         self._hosts: dict[str, _Host] = {}
         self._lock = threading.Lock()
         self._counts: collections.Counter[str] = collections.Counter()
-        self._credentials = {_normalise_auth_key(k): v for k, v in self.config.credentials.items()}
-        if self.config.auth_file is not None:
-            for key, value in _load_auth_file(self.config.auth_file).items():
-                self._credentials.setdefault(key, value)
+        self._credentials = auth.Credentials(self.config.credentials, self.config.auth_file)
         self._insecure = {h.lower() for h in self.config.insecure_hosts}
 
     # -- lifecycle and counters ---------------------------------------------------------------
@@ -606,9 +548,6 @@ class RegistryClient:
         delay = float(self.config.backoff * 2.0**attempt * random.uniform(0.9, 1.1))  # noqa: S311 (jitter)
         return min(delay, self.config.max_retry_wait)
 
-    def _credentials_for(self, ref: Reference) -> tuple[str, str] | None:
-        return self._credentials.get(ref.registry.lower()) or self._credentials.get(ref.api_host.lower())
-
     def _send(self, host: _Host, method: str, url_path: str, **kwargs: Any) -> requests.Response:
         """One HTTP exchange with the host, choosing the scheme for relaxed hosts on first contact."""
         timeout = self.config.connect_read_timeout
@@ -670,7 +609,7 @@ class RegistryClient:
         while True:
             request_headers = dict(headers or {})
             if send_auth:
-                request_headers.update(self._auth_header(host, ref, scope))
+                request_headers.update(host.auth_state.header(scope, self._credentials.for_reference(ref)))
             try:
                 response = self._send(
                     host,
@@ -727,7 +666,7 @@ class RegistryClient:
             response.close()
             suffix = f" ({detail})" if detail else ""
             if status in (401, 403):
-                if self._credentials_for(ref):
+                if self._credentials.for_reference(ref):
                     raise AuthError(
                         f"{ref.api_host} rejected the configured credentials for {ref.repository} "
                         f"(HTTP {status}){suffix}"
@@ -739,42 +678,29 @@ class RegistryClient:
                 raise NotFound(f"{what} not found: {target} {path.rpartition('/')[2]}{suffix}")
             raise OCIError(f"{method} {target} {what}: HTTP {status}{suffix}")
 
-    def _auth_header(self, host: _Host, ref: Reference, scope: str) -> dict[str, str]:
-        with host.lock:
-            auth_scheme = host.auth_scheme
-            token = host.tokens.get(scope)
-        if auth_scheme == "basic":
-            credentials = self._credentials_for(ref)
-            if credentials:
-                return {"Authorization": _basic(credentials)}
-        elif auth_scheme == "bearer" and token and token[1] > time.monotonic():
-            return {"Authorization": f"Bearer {token[0]}"}
-        return {}
-
     def _authenticate(self, host: _Host, ref: Reference, scope: str, challenge: str) -> None:
-        scheme, params = _parse_challenge(challenge)
-        credentials = self._credentials_for(ref)
+        """Answer a 401: note Basic auth, or earn a bearer token for ``scope`` from the token service."""
+        scheme, params = auth.parse_challenge(challenge)
+        credentials = self._credentials.for_reference(ref)
         if scheme == "basic":
             if not credentials:
                 raise AuthError(f"{ref.api_host} requires credentials and none are configured for it")
-            self._refuse_plain_http(host, ref)
-            with host.lock:
-                host.auth_scheme = "basic"
+            if host.scheme == "http" and not host.relaxed:
+                raise AuthError(f"{ref.api_host}: refusing to send credentials over plain HTTP")
+            host.auth_state.use_basic()
             return
-        if scheme != "bearer" or "realm" not in params:
+        if scheme != "bearer":
             raise AuthError(f"{ref.api_host} answered 401 with an unsupported challenge ({scheme or 'none'})")
-        realm = params["realm"]
-        query = {"scope": params.get("scope") or scope}
-        if params.get("service"):
-            query["service"] = params["service"]
-        realm_host = self._host(urllib.parse.urlsplit(realm).netloc)
-        if credentials and realm.startswith("http://") and not realm_host.relaxed:
+        request = auth.token_request(ref, scope, params, credentials)
+        realm_host = self._host(request.realm_host)
+        if credentials and request.realm.startswith("http://") and not realm_host.relaxed:
             raise AuthError(f"{ref.api_host}: refusing to send credentials to a plain-HTTP token service")
-        headers = {"Authorization": _basic(credentials)} if credentials else {}
         attempt = 0
         while True:
             try:
-                response = self._send(realm_host, "GET", realm, params=query, headers=headers)
+                response = self._send(
+                    realm_host, "GET", request.realm, params=request.query, headers=request.headers
+                )
             except (requests.ConnectionError, requests.Timeout) as exc:
                 if attempt < self.config.retries:
                     self._sleep(self._backoff(attempt))
@@ -789,38 +715,14 @@ class RegistryClient:
                 attempt += 1
                 continue
             break
-        if response.status_code in (401, 403):
-            response.close()
-            if credentials:
-                raise AuthError(
-                    f"{ref.api_host} rejected the configured credentials (token service HTTP 401)"
-                )
-            raise AuthError(f"{ref.api_host} token service denied anonymous access to {ref.repository}")
-        if response.status_code != 200:
-            response.close()
-            raise AuthError(f"{ref.api_host} token service answered HTTP {response.status_code}")
         try:
-            data = response.json()
-            token = data.get("token") or data.get("access_token")
-            lifetime = float(data.get("expires_in") or 60)
-        except (ValueError, AttributeError, TypeError):
-            token, lifetime = None, 0.0
-        if not token:
-            raise AuthError(f"{ref.api_host} token service returned no token")
-        with host.lock:
-            host.auth_scheme = "bearer"
-            host.bearer = {"realm": realm, "service": params.get("service", "")}
-            # Renew a little early so a request does not race the expiry.
-            host.tokens[scope] = (str(token), time.monotonic() + max(lifetime - 10, 5))
-
-    def _refuse_plain_http(self, host: _Host, ref: Reference) -> None:
-        if host.scheme == "http" and not host.relaxed:
-            raise AuthError(f"{ref.api_host}: refusing to send credentials over plain HTTP")
-
-
-def _basic(credentials: tuple[str, str]) -> str:
-    user, password = credentials
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+            body = response.json() if response.status_code == 200 else None
+        except ValueError:
+            body = None
+        finally:
+            response.close()
+        token, lifetime = auth.read_token(response.status_code, body, ref, credentials)
+        host.auth_state.store_token(scope, token, lifetime, request.realm, request.service)
 
 
 def _describe_network_error(exc: Exception) -> str:

@@ -9,15 +9,23 @@ TEST_DATABASE_URL ?= postgres://root@127.0.0.1:5432/postgres
 # Debian packages the tests drive for real.
 TEST_APT_PACKAGES := docker-registry skopeo umoci chromium
 
-.PHONY: run test lint bench venv test-deps system-deps clean
+.PHONY: run test lint bench venv test-venv test-deps system-deps clean
 
+# `make run` installs what running needs; the test tools (browser driver, fuzzers, linters) come in
+# only for `make test`, `make lint` and `make bench`.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
 venv: $(VENV)/.installed
+
+test-venv: $(VENV)/.installed-test
 
 run: venv
 	$(PY) manage.py migrate --noinput
@@ -32,9 +40,9 @@ system-deps:
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
 	fi
 
-test-deps: venv system-deps
+test-deps: test-venv system-deps
 
-lint: venv
+lint: test-venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 

@@ -169,6 +169,15 @@ def hostile_cases(base: Path) -> dict[str, tuple[list[list[Entry]], str]]:
             [[_dir("a"), _dir("a/b"), _symlink("a/b/l", "../x"), _hardlink("l2", "a/b/l")]],
             "l2",
         ),
+        "absolute symlink re-rooted through a link that climbs": (
+            [[_dir("s"), _symlink("s/d", ".."), _symlink("x", "/s/d/..")]],
+            "x",
+        ),
+        "symlink loop": ([[_symlink("a", "b"), _symlink("b", "a/x")]], "a"),
+        "symlinks nested more than 40 deep": (
+            [[*[_symlink(f"l{i:02}", f"l{i + 1:02}") for i in range(41)], _symlink("l41", ".")]],
+            "l00",
+        ),
         "directory replaced by a symlink in a later layer": (
             [[_dir("d"), _file("d/f")], [_symlink("d", "."), _file("d/pwned")]],
             "d/pwned",

@@ -685,8 +685,9 @@ class RootfsWriter:
         if rel in active:
             raise self._link_refused(rel, target, "is part of a symlink loop")
         if len(active) >= MAX_SYMLINK_DEPTH:
+            first = active[0]
             raise self._link_refused(
-                rel, target, f"is reached through more than {MAX_SYMLINK_DEPTH} symlinks"
+                first, links[first], f"leads through more than {MAX_SYMLINK_DEPTH} nested symlinks"
             )
         if target.startswith("/"):
             raise self._link_refused(rel, target, "points to an absolute path")

@@ -113,7 +113,7 @@ def hostile_cases(base: Path) -> dict[str, tuple[list[list[Entry]], str]]:
         "nested dot-dot": ([[_dir("sub"), _file("sub/../../pwned")]], "sub/../../pwned"),
         "absolute symlink then write through": (
             [[_symlink("evil", str(outside)), _file("evil/pwned")]],
-            "evil",
+            "evil/pwned",
         ),
         "relative symlink out then write through": (
             [[_symlink("up", "../../outside"), _file("up/pwned")]],
@@ -126,6 +126,57 @@ def hostile_cases(base: Path) -> dict[str, tuple[list[list[Entry]], str]]:
         "symlink through an existing link's dot-dot": (
             [[_dir("d"), _symlink("d/y", ".."), _symlink("q", "d/y/../outside")]],
             "q",
+        ),
+        "directory on a link's path swapped for a link": (
+            [[_dir("s"), _dir("s/d"), _symlink("esc", "s/d/../.."), _symlink("s/d", "..")]],
+            "esc",
+        ),
+        "directory whited out and swapped for a link in a later layer": (
+            [
+                [_dir("s"), _dir("s/d"), _symlink("esc", "s/d/../..")],
+                [_file("s/.wh.d"), _symlink("s/d", "..")],
+            ],
+            "esc",
+        ),
+        "opaque directory swapped for a link in a later layer": (
+            [
+                [_dir("s"), _dir("s/d"), _symlink("esc", "s/d/../..")],
+                [_file("s/.wh..wh..opq"), _symlink("s/d", "..")],
+            ],
+            "esc",
+        ),
+        "deep directory swapped for a link to the root": (
+            [
+                [
+                    *[_dir(d) for d in ("a", "a/b", "a/b/c", "a/b/c/d")],
+                    _symlink("root", "a/b/c/d/../../../.."),
+                    _symlink("a/b/c/d", "../../.."),
+                ]
+            ],
+            "root",
+        ),
+        "deep directory swapped for a link out of the tree": (
+            [
+                [
+                    *[_dir(d) for d in ("a", "a/b", "a/b/c", "a/b/c/d")],
+                    _symlink("root", "a/b/c/d/../../../.."),
+                    _symlink("a/b/c/d", "../../../../../.."),
+                ]
+            ],
+            "a/b/c/d",
+        ),
+        "hard link copying a symlink into another directory": (
+            [[_dir("a"), _dir("a/b"), _symlink("a/b/l", "../x"), _hardlink("l2", "a/b/l")]],
+            "l2",
+        ),
+        "absolute symlink re-rooted through a link that climbs": (
+            [[_dir("s"), _symlink("s/d", ".."), _symlink("x", "/s/d/..")]],
+            "x",
+        ),
+        "symlink loop": ([[_symlink("a", "b"), _symlink("b", "a/x")]], "a"),
+        "symlinks nested more than 40 deep": (
+            [[*[_symlink(f"l{i:02}", f"l{i + 1:02}") for i in range(41)], _symlink("l41", ".")]],
+            "l00",
         ),
         "directory replaced by a symlink in a later layer": (
             [[_dir("d"), _file("d/f")], [_symlink("d", "."), _file("d/pwned")]],

@@ -10,10 +10,15 @@ target directory it created):
 
 * entry names must be relative and free of ``..``; no entry may be written through a symlink (every
   parent component must be a real directory, checked with ``lstat`` and ``O_NOFOLLOW``);
-* symlinks must be relative and resolve inside the target, hard links must name an existing
-  non-directory inside the target;
+* an absolute symlink target is re-rooted in the target directory (``/lib/x`` seen from ``usr/a``
+  becomes ``../lib/x``), as if the image were the root filesystem it was built as;
+* no symlink of the finished tree may resolve outside it: a last pass over every link resolves it
+  component by component inside the tree (following the other links as the kernel would), since a
+  later entry or layer can replace a directory on a link's path by another link;
+* hard links must name an existing non-directory inside the target;
 * device nodes, FIFOs and other special types are refused;
-* permission bits are kept (``mode & 0o777``: exec bits yes, setuid/setgid no), owners are not.
+* permission bits are kept without world-write (``mode & 0o775``: exec bits yes, setuid, setgid,
+  sticky and write-by-anyone no), owners are not.
 
 OCI whiteouts are applied across layers: ``dir/.wh.name`` removes ``dir/name`` and
 ``dir/.wh..wh..opq`` empties ``dir``, in both cases only of what lower layers put there, whatever
@@ -67,6 +72,16 @@ INFLATE_OUTPUT_CAP = 1024 * 1024
 COPY_CHUNK = 1024 * 1024
 # Default minimum interval between two progress callbacks (start and end of a layer always report).
 PROGRESS_INTERVAL = 0.2
+
+# Permission bits an unpacked entry keeps: no setuid, setgid or sticky bit, and no write for
+# "other": a world-writable file or directory in a backend would let any local user change code
+# the portal and LocalAI run. (The sticky bit only matters in a directory others may write to.)
+MODE_MASK = 0o775
+# Symlinks nested deeper than this cannot be followed by Linux either (MAXSYMLINKS); the final
+# check refuses them rather than trying to decide where they lead.
+MAX_SYMLINK_DEPTH = 40
+# Linux stores no longer symlink target (PATH_MAX - 1); a longer one could not be created anyway.
+MAX_SYMLINK_TARGET = 4095
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_WHITEOUT = ".wh..wh..opq"
@@ -331,6 +346,7 @@ class UnpackStats:
     directories: int = 0
     symlinks: int = 0
     hardlinks: int = 0
+    rerooted_symlinks: int = 0  # absolute targets rewritten as relative links inside the tree
     whiteouts: int = 0
     bytes_written: int = 0
 
@@ -349,6 +365,8 @@ class RootfsWriter:
         self._this_layer: set[str] = set()
         # Directory modes and mtimes are applied last, so read-only directories can be filled.
         self._dir_meta: dict[str, tuple[int, float]] = {}
+        # Which layer wrote each symlink, to name it when the final check refuses the tree.
+        self._link_layers: dict[str, str] = {}
         self._label = ""
 
     # -- entry points -----------------------------------------------------------------------
@@ -362,7 +380,13 @@ class RootfsWriter:
             self._apply_entry(reader, entry)
 
     def finish(self) -> None:
-        """Set directory modes and times (deferred so read-only directories could be filled)."""
+        """Check every symlink of the finished tree, then set directory modes and times.
+
+        The modes wait until now so read-only directories could be filled; the links are checked
+        here, not only when written, because a later entry or layer may replace a directory on a
+        link's path with another link.
+        """
+        self.verify_links()
         for rel, (mode, mtime) in sorted(self._dir_meta.items(), key=lambda item: -item[0].count("/")):
             try:
                 fd = self._open_dir(rel)
@@ -412,19 +436,27 @@ class RootfsWriter:
             self._write_file(reader, entry, rel, path)
         elif entry.type == DIRECTORY:
             self._make_dir(rel, path)
-            self._dir_meta[rel] = (entry.mode & 0o777, entry.mtime)
+            self._dir_meta[rel] = (entry.mode & MODE_MASK, entry.mtime)
             self.stats.directories += 1
         elif entry.type == SYMLINK:
-            self._check_symlink_target(name, parent, entry.linkname)
+            target = self._symlink_target(name, parts[:-1], entry.linkname)
             self._clear_path(rel, path)
-            os.symlink(entry.linkname, path)
+            os.symlink(target, path)
             with contextlib.suppress(OSError):
                 os.utime(path, (entry.mtime, entry.mtime), follow_symlinks=False)
+            self._link_layers[rel] = self._label
             self.stats.symlinks += 1
         elif entry.type == HARDLINK:
             source = self._hardlink_source(name, entry.linkname)
             if source == path:
                 return  # a link to itself (some tools write them); the file is already there
+            if source.startswith(path + "/"):
+                raise self._unsafe(name, f"hard link to {entry.linkname!r} would remove its own target")
+            if os.path.islink(source):
+                # A hard link to a symlink is a second symlink with the same target, now seen
+                # from another directory: check it as one.
+                self._symlink_target(name, parts[:-1], os.readlink(source), rerooted=False)
+                self._link_layers[rel] = self._label
             self._clear_path(rel, path)
             os.link(source, path, follow_symlinks=False)
             self.stats.hardlinks += 1
@@ -501,26 +533,35 @@ class RootfsWriter:
                 while view:
                     n = os.write(fd, view)
                     view = view[n:]
-            os.fchmod(fd, entry.mode & 0o777)
+            os.fchmod(fd, entry.mode & MODE_MASK)
             os.utime(fd, (entry.mtime, entry.mtime))
         finally:
             os.close(fd)
         self.stats.files += 1
         self.stats.bytes_written += entry.size
 
-    def _check_symlink_target(self, name: str, parent: str, target: str) -> None:
+    def _symlink_target(self, name: str, parent: list[str], target: str, *, rerooted: bool = True) -> str:
+        """The target to write for a symlink in directory ``parent``: absolute ones re-rooted.
+
+        Only the lexical check happens here; where the link really leads depends on the links
+        around it, which later entries may still change, so :meth:`verify_links` decides that on
+        the finished tree.
+        """
         if not target:
             raise self._unsafe(name, "symlink with an empty target")
+        if "\x00" in target:
+            raise self._unsafe(name, "NUL byte in symlink target")
+        if len(os.fsencode(target)) > MAX_SYMLINK_TARGET:
+            raise self._unsafe(name, f"symlink target longer than {MAX_SYMLINK_TARGET} bytes")
         if target.startswith("/"):
-            raise self._unsafe(name, f"symlink to the absolute path {target!r}")
-        lexical = posixpath.normpath(posixpath.join(parent, target))
+            if not rerooted:
+                raise self._unsafe(name, f"symlink to the absolute path {target!r}")
+            target = reroot_symlink_target(parent, target)
+            self.stats.rerooted_symlinks += 1
+        lexical = posixpath.normpath(posixpath.join(*parent, target) if parent else target)
         if lexical == ".." or lexical.startswith("../"):
             raise self._unsafe(name, f"symlink {target!r} points outside the target")
-        # Resolve the symlinks already on disk too (a link through another link's '..').
-        resolved = os.path.realpath(os.path.join(self._root_str, parent, target))
-        root = os.path.realpath(self._root_str)
-        if os.path.commonpath([root, resolved]) != root:
-            raise self._unsafe(name, f"symlink {target!r} points outside the target")
+        return target
 
     def _hardlink_source(self, name: str, linkname: str) -> str:
         parts = self._split(name, linkname, "hard link target")
@@ -599,6 +640,89 @@ class RootfsWriter:
             elif is_dir:
                 self._remove_lower(entry.path, child_rel)
 
+    # -- the finished tree's links ------------------------------------------------------------
+
+    def verify_links(self) -> None:
+        """Refuse the tree if any of its symlinks resolves outside it, whatever wrote it and when.
+
+        Each link is resolved component by component from its own directory, following the
+        other links of the tree as the kernel would; a ``..`` above the root is an escape, even
+        if the path would come back in. Components that are missing or not directories are
+        taken as plain names (the kernel would fail there, but a backend could create them
+        later). Cost: one directory walk plus, per link, the length of its target (a link
+        already resolved is not resolved again).
+        """
+        links = self._tree_links()
+        resolved: dict[str, _Location] = {}
+        for rel in sorted(links):
+            self._resolve_link(rel, links, resolved, [])
+
+    def _tree_links(self) -> dict[str, str]:
+        """Every symlink under the root (relative path -> target), without following any."""
+        links: dict[str, str] = {}
+        pending = [""]
+        while pending:
+            rel = pending.pop()
+            with os.scandir(os.path.join(self._root_str, rel) if rel else self._root_str) as entries:
+                for entry in entries:
+                    child = f"{rel}/{entry.name}" if rel else entry.name
+                    if entry.is_symlink():
+                        links[child] = os.readlink(entry.path)
+                    elif entry.is_dir(follow_symlinks=False):
+                        pending.append(child)
+        return links
+
+    def _resolve_link(
+        self, rel: str, links: dict[str, str], resolved: dict[str, _Location], active: list[str]
+    ) -> _Location:
+        """Where the link ``rel`` leads, as a location inside the tree; raises if it leads out.
+
+        ``active`` holds the links whose resolution is under way (the chain that led here).
+        """
+        if rel in resolved:
+            return resolved[rel]
+        target = links[rel]
+        if rel in active:
+            raise self._link_refused(rel, target, "is part of a symlink loop")
+        if len(active) >= MAX_SYMLINK_DEPTH:
+            first = active[0]
+            raise self._link_refused(
+                first, links[first], f"leads through more than {MAX_SYMLINK_DEPTH} nested symlinks"
+            )
+        if target.startswith("/"):
+            raise self._link_refused(rel, target, "points to an absolute path")
+        active.append(rel)
+        location: _Location = None
+        for part in rel.split("/")[:-1]:
+            location = _Step(part if location is None else f"{location.path}/{part}", location)
+        followed = ""
+        for part in target.split("/"):
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if location is None:
+                    through = (
+                        f" through the symlink {followed!r}{self._layer_of(followed)}" if followed else ""
+                    )
+                    raise self._link_refused(rel, target, f"resolves outside the target{through}")
+                location = location.parent
+                continue
+            location = _Step(part if location is None else f"{location.path}/{part}", location)
+            if location.path in links:
+                followed = location.path
+                location = self._resolve_link(location.path, links, resolved, active)
+        active.pop()
+        resolved[rel] = location
+        return location
+
+    def _layer_of(self, rel: str) -> str:
+        label = self._link_layers.get(rel)
+        return f" written by {label}" if label else ""
+
+    def _link_refused(self, rel: str, target: str, reason: str) -> UnsafeArchive:
+        label = self._link_layers.get(rel, "image")
+        return UnsafeArchive(f"{label}: entry {rel!r}: symlink {target!r} {reason}")
+
     # -- helpers ----------------------------------------------------------------------------
 
     def _open_dir(self, rel: str) -> int:
@@ -613,6 +737,35 @@ class RootfsWriter:
             os.close(fd)
             raise
         return fd
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    """A location inside the tree: its path from the root and the location of its parent.
+
+    Shared parent chains make ``..`` and "continue from where that link led" cost O(1).
+    """
+
+    path: str
+    parent: _Location
+
+
+_Location = _Step | None  # None: the root of the tree
+
+
+def reroot_symlink_target(parent: Sequence[str], target: str) -> str:
+    """An absolute target rewritten relative to the link's directory ``parent``, inside the tree.
+
+    The image's ``/`` is the tree's root, as it was the root filesystem of the image's build: a
+    link ``usr/lib/x/libz.so -> /lib/x/libz.so.1`` becomes ``../../../lib/x/libz.so.1``. Leading
+    ``..`` components are dropped (``/..`` is ``/``); the rest is kept as written, so a ``..``
+    after a link still goes where it would have gone in the image.
+    """
+    parts = [p for p in target.split("/") if p not in ("", ".")]
+    while parts and parts[0] == "..":
+        parts.pop(0)
+    relative = "/".join([".."] * len(parent) + parts)
+    return relative or "."
 
 
 LayerSource = tuple[Descriptor, Callable[[], Iterable[bytes]]]

@@ -596,7 +596,10 @@ class PortalSettings(models.Model):
         default=1, validators=[MaxValueValidator(10)], help_text="Previous versions kept for rollback."
     )
     health_check_command = models.CharField(
-        max_length=1000, blank=True, help_text="Run after each install; {path} is the backend directory."
+        max_length=1000,
+        blank=True,
+        help_text="Run after each install on every node, as the portal's user; {path} is the backend "
+        "directory. Only a superuser may change it.",
     )
     health_check_timeout = models.PositiveIntegerField(
         default=30, validators=[MinValueValidator(1), MaxValueValidator(3600)]

@@ -341,6 +341,8 @@ def test_an_operator_sees_backends_and_jobs_in_the_admin_and_queues_from_there(
 
     assert page.status_code == 200 and 'value="upgrade_selected"' in page.content.decode()
     assert jobs.status_code == 200 and 'value="cancel_selected"' in jobs.content.decode()
-    client.post(BACKENDS, {"action": "upgrade_selected", "_selected_action": world["backend"].pk, "index": "0"})
+    client.post(
+        BACKENDS, {"action": "upgrade_selected", "_selected_action": world["backend"].pk, "index": "0"}
+    )
     job = UpgradeJob.objects.get(kind=JobKind.UPGRADE)
     assert (job.status, job.requested_by) == (JobStatus.QUEUED, "admin:operator")

@@ -22,8 +22,8 @@ from rest_framework.response import Response
 from rest_framework.reverse import reverse
 from rest_framework.views import APIView
 
+from backends_app import permissions
 from backends_app.api.errors import AmbiguousName
-from backends_app.api.permissions import OPERATE_BACKEND
 from backends_app.api.views import backends_with_details, lookup_text, requested_by
 from backends_app.models import (
     Backend,
@@ -57,7 +57,7 @@ class Refused(exceptions.APIException):
 class LocalAIView(APIView):
     """A LocalAI route: the portal's authentication and permissions, LocalAI's error envelope."""
 
-    write_permission = OPERATE_BACKEND
+    write_action = permissions.OPERATE
 
     def handle_exception(self, exc: Exception) -> Response:
         response = super().handle_exception(exc)

@@ -28,9 +28,9 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from backends_app import permissions
 from backends_app.api import serializers as api
 from backends_app.api.errors import AmbiguousName
-from backends_app.api.permissions import OPERATE_BACKEND
 from backends_app.models import (
     Backend,
     Gallery,
@@ -179,7 +179,7 @@ class BackendViewSet(viewsets.ReadOnlyModelViewSet):
     serializer_class = api.BackendSerializer
     lookup_field = "name"
     lookup_value_regex = r"[^/]+"
-    write_permission = OPERATE_BACKEND
+    write_action = permissions.OPERATE
 
     def get_queryset(self) -> QuerySet[Backend]:
         queryset = backends_with_details()
@@ -312,7 +312,7 @@ class UpgradeViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
     """What the last check found, a new check, and "upgrade everything flagged"."""
 
     serializer_class = api.BackendSerializer
-    write_permission = OPERATE_BACKEND
+    write_action = permissions.OPERATE
 
     def get_queryset(self) -> QuerySet[Backend]:
         return backends_with_details().filter(upgrade_available=True)
@@ -403,7 +403,7 @@ class UpgradeJobViewSet(viewsets.ReadOnlyModelViewSet):
 
     serializer_class = api.UpgradeJobSerializer
     lookup_value_regex = r"[^/]+"
-    write_permission = OPERATE_BACKEND
+    write_action = permissions.OPERATE
 
     def get_queryset(self) -> QuerySet[UpgradeJob]:
         queryset = UpgradeJob.objects.select_related("backend__gallery", "node").prefetch_related(
@@ -472,7 +472,7 @@ class UpgradeJobViewSet(viewsets.ReadOnlyModelViewSet):
 class PortalSettingsView(APIView):
     """The operator's runtime settings: auto-upgrade, check interval, maintenance window, versions kept."""
 
-    write_permission = "backends_app.change_portalsettings"
+    write_action = permissions.CHANGE_SETTINGS
 
     @extend_schema(summary="The portal settings", responses={200: api.PortalSettingsSerializer})
     def get(self, request: Request) -> Response:
@@ -480,13 +480,29 @@ class PortalSettingsView(APIView):
 
     @extend_schema(
         summary="Change some settings",
-        description="Only the fields sent change. Invalid input is a 400 and nothing is saved.",
+        description="Only the fields sent change. Invalid input or an unknown field is a 400 and nothing "
+        "is saved. Changing `health_check_command` needs a superuser (403 otherwise).",
         request=api.PortalSettingsSerializer,
-        responses={200: api.PortalSettingsSerializer, 400: ERRORS[400]},
+        responses={
+            200: api.PortalSettingsSerializer,
+            400: ERRORS[400],
+            403: OpenApiResponse(
+                api.ErrorSerializer, description="Not allowed: the body says what is needed."
+            ),
+        },
     )
     def patch(self, request: Request) -> Response:
-        serializer = api.PortalSettingsSerializer(PortalSettings.load(), data=request.data, partial=True)
+        row = PortalSettings.load()
+        serializer = api.PortalSettingsSerializer(row, data=request.data, partial=True)
         serializer.is_valid(raise_exception=True)
+        command = serializer.validated_data.get("health_check_command", row.health_check_command)
+        if command != row.health_check_command and not permissions.can(
+            request.user, permissions.SET_HEALTH_CHECK_COMMAND
+        ):
+            raise exceptions.PermissionDenied(
+                "Only a superuser may change health_check_command: the workers run it on every node. "
+                "Nothing was saved."
+            )
         serializer.save()
         return Response(serializer.data)
 
@@ -521,8 +537,8 @@ class GalleryViewSet(
     lookup_field = "name"
     lookup_value_regex = r"[^/]+"
 
-    def get_write_permission(self, request: Request) -> str:
-        return "backends_app.add_gallery" if self.action == "create" else "backends_app.change_gallery"
+    def get_write_action(self, request: Request) -> str:
+        return permissions.ADD_GALLERY if self.action == "create" else permissions.CHANGE_GALLERY
 
     def get_object(self) -> Gallery:
         name = lookup_text(self.kwargs["name"])

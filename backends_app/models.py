@@ -422,8 +422,14 @@ class Backend(models.Model):
         return parent, True
 
     def converge(self, requested_by: str = "") -> tuple[UpgradeJob, bool]:
-        """Upgrade the nodes whose build differs from the newest one known, so all nodes agree."""
+        """Upgrade the nodes whose build differs from the newest one known, so all nodes agree.
+
+        The target is the digest the last check found, else the build installed most recently. A
+        backend installed on no node has nothing to converge: refused (`not_installed`).
+        """
         rows = self.current_versions()
+        if not rows:
+            raise OperationRefused(f"{self.name} is not installed on any node", "not_installed")
         target = (
             self.latest_digest
             or max(rows, key=lambda r: r.installed_at or timezone.now() - dt.timedelta(days=36500)).digest

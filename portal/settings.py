@@ -225,6 +225,7 @@ SPECTACULAR_SETTINGS = {
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
         "backends_app.api.schema.document_auth_errors",
+        "backends_app.api.schema.forbid_unknown_fields",
     ],
 }
 

@@ -186,7 +186,11 @@ def test_a_wrong_method_under_the_api_is_a_405_in_json(
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("put", "/backends/upgrade/target"), ("get", "/backends/upgrades/check"), ("post", "/backends/upgrades")],
+    [
+        ("put", "/backends/upgrade/target"),
+        ("get", "/backends/upgrades/check"),
+        ("post", "/backends/upgrades"),
+    ],
 )
 def test_a_wrong_method_on_a_localai_route_is_a_405_in_localais_envelope(
     world: dict[str, Any], root: Any, method: str, path: str
@@ -201,7 +205,12 @@ UNKNOWN_FIELDS = [
     ("patch", "/api/settings/", {"auto_upgrade": True}, ["auto_upgrade"]),
     ("patch", "/api/settings/", {"last_check_at": "2020-01-01T00:00:00Z"}, ["last_check_at"]),
     ("post", "/api/galleries/", {"name": "x", "url": "https://e.org/i.yaml", "token": "t"}, ["token"]),
-    ("post", "/api/galleries/", {"name": "x", "url": "https://e.org/i.yaml", "entry_count": 1}, ["entry_count"]),
+    (
+        "post",
+        "/api/galleries/",
+        {"name": "x", "url": "https://e.org/i.yaml", "entry_count": 1},
+        ["entry_count"],
+    ),
     ("post", "/api/galleries/main/sync/", {"forced": True}, ["forced"]),
     ("post", "/api/backends/target/install/", {"nodes": ["a"]}, ["nodes"]),
     ("post", "/api/backends/target/upgrade/", {"force": True, "version": "2.0"}, ["version"]),
@@ -225,7 +234,9 @@ def test_a_field_the_endpoint_does_not_take_is_a_400_naming_it(
     assert snapshot() == before
 
 
-def test_cancelling_with_a_body_field_is_a_400_and_the_job_stays_queued(world: dict[str, Any], root: Any) -> None:
+def test_cancelling_with_a_body_field_is_a_400_and_the_job_stays_queued(
+    world: dict[str, Any], root: Any
+) -> None:
     job = UpgradeJob.objects.create(kind=JobKind.CHECK)
 
     response = root.post(f"/api/jobs/{job.pk}/cancel/", {"why": "x"}, format="json")

@@ -67,6 +67,12 @@ def clean_filters(serializer_class: type[serializers.Serializer], request: Reque
     return values
 
 
+def no_body_fields(request: Request) -> None:
+    """A verb that takes no fields refuses a body that has some (400 naming them), as the others
+    refuse fields they do not take."""
+    api.EmptyBodySerializer(data=request.data).is_valid(raise_exception=True)
+
+
 def job_response(job: UpgradeJob, request: Request, code: int = status.HTTP_200_OK) -> Response:
     data = api.UpgradeJobSerializer(job, context={"request": request}).data
     headers = {"Location": data["url"]} if code == status.HTTP_202_ACCEPTED else None
@@ -228,6 +234,7 @@ class BackendViewSet(viewsets.ReadOnlyModelViewSet):
     @action(detail=True, methods=["post"])
     def converge(self, request: Request, name: str) -> Response:
         backend = self.get_object()
+        no_body_fields(request)
         try:
             job, created = backend.converge(requested_by=requested_by(request))
         except OperationRefused as exc:
@@ -285,7 +292,9 @@ class BackendViewSet(viewsets.ReadOnlyModelViewSet):
     )
     @action(detail=True, methods=["post"])
     def pin(self, request: Request, name: str) -> Response:
-        self.get_object().pin()
+        backend = self.get_object()
+        no_body_fields(request)
+        backend.pin()
         return Response(self.get_serializer(self.get_object()).data)
 
     @extend_schema(
@@ -296,7 +305,9 @@ class BackendViewSet(viewsets.ReadOnlyModelViewSet):
     )
     @action(detail=True, methods=["post"])
     def unpin(self, request: Request, name: str) -> Response:
-        self.get_object().unpin()
+        backend = self.get_object()
+        no_body_fields(request)
+        backend.unpin()
         return Response(self.get_serializer(self.get_object()).data)
 
 
@@ -329,6 +340,7 @@ class UpgradeViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
     )
     @action(detail=False, methods=["post"])
     def check(self, request: Request) -> Response:
+        no_body_fields(request)
         job, created = UpgradeJob.request_check(requested_by=requested_by(request))
         if not created:
             return active_job_conflict(
@@ -455,6 +467,7 @@ class UpgradeJobViewSet(viewsets.ReadOnlyModelViewSet):
     @action(detail=True, methods=["post"])
     def cancel(self, request: Request, pk: str) -> Response:
         job = self.get_object()
+        no_body_fields(request)
         if job.status in JobStatus.FINISHED:
             data = self.get_serializer(job).data
             detail = f"job #{job.pk} already finished ({job.status}); nothing to cancel"

@@ -29,7 +29,7 @@ class PortalPermission(BasePermission):
         getter = getattr(view, "get_write_action", None)
         action = getter(request) if getter else getattr(view, "write_action", None)
         if action is None:
-            if user.is_superuser:
+            if getattr(user, "is_superuser", False):
                 return True
             self.message = "You do not have permission to do this: it needs superuser status."
             return False

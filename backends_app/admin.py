@@ -1,5 +1,8 @@
 """The Django admin: the centre of the portal. Actions call model verbs and report in a message.
 
+Who may do what is `backends_app.permissions`' rule, as in the API and the pages: the admin lets in
+staff only (Django's rule), then each action and change form asks the same permission the API asks.
+
 Every changelist costs a fixed number of queries, whatever the number of rows: related rows come
 through `list_select_related`, per-node installations through one prefetch, counts through
 annotations.
@@ -18,7 +21,7 @@ from django.template.defaultfilters import filesizeformat
 from django.urls import URLPattern, path, reverse
 from django.utils.html import format_html, format_html_join
 
-from backends_app.api.permissions import OPERATE_BACKEND
+from backends_app import permissions
 from backends_app.models import (
     Backend,
     Gallery,
@@ -52,11 +55,25 @@ def short_duration(value: dt.timedelta | None) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
-class OperateMixin:
-    """Actions that queue or stop operations need the permission the API asks for the same thing."""
+class RefuseHiddenActions(admin.ModelAdmin):
+    """A posted action the user may not run is a 403, not Django's quiet "No action selected"."""
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> Any:
+        name = request.POST.get("action") if request.method == "POST" else None
+        declared = {*(self.actions or ()), *(site_name for site_name, _ in self.admin_site.actions)}
+        if name and name in declared and name not in self.get_actions(request):
+            raise PermissionDenied
+        return super().changelist_view(request, extra_context)
+
+
+class OperateMixin(RefuseHiddenActions):
+    """Backends and jobs: whoever may operate them sees them, and their actions need that permission."""
 
     def has_operate_permission(self, request: HttpRequest) -> bool:
-        return request.user.has_perm(OPERATE_BACKEND)
+        return permissions.can(request.user, permissions.OPERATE)
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return self.has_operate_permission(request) or super().has_view_permission(request, obj)
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -70,14 +87,20 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
 
 @admin.register(Gallery)
-class GalleryAdmin(admin.ModelAdmin):
+class GalleryAdmin(RefuseHiddenActions):
     list_display = ("name", "url", "enabled", "entry_count", "last_synced_at", "last_error")
     list_filter = ("enabled",)
     search_fields = ("name", "url")
     readonly_fields = ("etag", "last_synced_at", "last_attempt_at", "last_error", "entry_count")
     actions = ("sync_now",)
 
-    @admin.action(description="Sync selected galleries now")
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return permissions.can(request.user, permissions.ADD_GALLERY)
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return permissions.can(request.user, permissions.CHANGE_GALLERY)
+
+    @admin.action(description="Sync selected galleries now", permissions=["change"])
     def sync_now(self, request: HttpRequest, queryset: QuerySet[Gallery]) -> None:
         for gallery in queryset:
             result = gallery.sync()
@@ -119,7 +142,7 @@ class NodeFilter(admin.SimpleListFilter):
 
 
 @admin.register(Backend)
-class BackendAdmin(OperateMixin, admin.ModelAdmin):
+class BackendAdmin(OperateMixin):
     list_display = (
         "name",
         "gallery",
@@ -161,6 +184,9 @@ class BackendAdmin(OperateMixin, admin.ModelAdmin):
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # backends come from galleries
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return self.has_operate_permission(request)  # pinned and holds are the operator's decisions
 
     def get_urls(self) -> list[URLPattern]:
         check = self.admin_site.admin_view(self.check_now_view)
@@ -417,8 +443,17 @@ class UpgradeJobAdmin(OperateMixin, ReadOnlyAdmin):
 class PortalSettingsAdmin(admin.ModelAdmin):
     readonly_fields = ("last_check_at", "updated_at")
 
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> tuple[str, ...]:
+        fields = tuple(self.readonly_fields)
+        if not permissions.can(request.user, permissions.SET_HEALTH_CHECK_COMMAND):
+            fields = ("health_check_command", *fields)  # the workers run it on every node
+        return fields
+
     def has_add_permission(self, request: HttpRequest) -> bool:
-        return not PortalSettings.objects.exists()
+        return not PortalSettings.objects.exists() and self.has_change_permission(request)
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return permissions.can(request.user, permissions.CHANGE_SETTINGS)
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False

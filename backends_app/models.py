@@ -427,8 +427,14 @@ class Backend(models.Model):
         return parent, True
 
     def converge(self, requested_by: str = "") -> tuple[UpgradeJob, bool]:
-        """Upgrade the nodes whose build differs from the newest one known, so all nodes agree."""
+        """Upgrade the nodes whose build differs from the newest one known, so all nodes agree.
+
+        The target is the digest the last check found, else the build installed most recently. A
+        backend installed on no node has nothing to converge: refused (`not_installed`).
+        """
         rows = self.current_versions()
+        if not rows:
+            raise OperationRefused(f"{self.name} is not installed on any node", "not_installed")
         target = (
             self.latest_digest
             or max(rows, key=lambda r: r.installed_at or timezone.now() - dt.timedelta(days=36500)).digest
@@ -601,7 +607,10 @@ class PortalSettings(models.Model):
         default=1, validators=[MaxValueValidator(10)], help_text="Previous versions kept for rollback."
     )
     health_check_command = models.CharField(
-        max_length=1000, blank=True, help_text="Run after each install; {path} is the backend directory."
+        max_length=1000,
+        blank=True,
+        help_text="Run after each install on every node, as the portal's user; {path} is the backend "
+        "directory. Only a superuser may change it.",
     )
     health_check_timeout = models.PositiveIntegerField(
         default=30, validators=[MinValueValidator(1), MaxValueValidator(3600)]

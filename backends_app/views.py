@@ -1,8 +1,9 @@
 """The web pages: backends, one job's live progress, settings. Server-rendered, a small script each.
 
-Reading needs a signed-in user. Changing anything needs staff status, or the permission the REST API
-asks for the same change (`operate_backend`, `change_portalsettings`). Every change calls the model
-verbs the admin, the API and the commands call; these views hold no logic of their own.
+Reading needs a signed-in user. Changing anything needs the permission the REST API and the admin ask
+for the same change (`backends_app.permissions`: `operate_backend`, `change_portalsettings`;
+superusers hold them all, staff status alone none). Every change calls the model verbs the admin, the
+API and the commands call; these views hold no logic of their own.
 """
 
 from __future__ import annotations
@@ -25,8 +26,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from backends_app import live
-from backends_app.api.permissions import OPERATE_BACKEND
+from backends_app import live, permissions
 from backends_app.models import (
     Backend,
     InstalledVersion,
@@ -39,18 +39,17 @@ from backends_app.models import (
 )
 
 LOGIN_URL = "ui:login"
-CHANGE_SETTINGS = "backends_app.change_portalsettings"
 # Gallery backends not installed, per page: LocalAI's gallery alone has about a thousand.
 GALLERY_PAGE_SIZE = 25
 OPERATIONS = {"install": JobKind.INSTALL, "upgrade": JobKind.UPGRADE, "rollback": JobKind.ROLLBACK}
 
 
 def can_operate(user: Any) -> bool:
-    return bool(user.is_authenticated and (user.is_staff or user.has_perm(OPERATE_BACKEND)))
+    return permissions.can(user, permissions.OPERATE)
 
 
 def can_change_settings(user: Any) -> bool:
-    return bool(user.is_authenticated and (user.is_staff or user.has_perm(CHANGE_SETTINGS)))
+    return permissions.can(user, permissions.CHANGE_SETTINGS)
 
 
 def requested_by(request: HttpRequest) -> str:

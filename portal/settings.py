@@ -69,6 +69,29 @@ DEBUG = env_bool("PORTAL_DEBUG", False)
 ALLOWED_HOSTS = env_list("PORTAL_ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]")
 CSRF_TRUSTED_ORIGINS = env_list("PORTAL_CSRF_TRUSTED_ORIGINS")
 
+
+def env_proxy_ssl_header(name: str) -> tuple[str, str] | None:
+    """`X-Forwarded-Proto` or `X-Forwarded-Proto: https`: the header a TLS proxy sets, and the value
+    meaning the client spoke HTTPS (default `https`), as Django's SECURE_PROXY_SSL_HEADER wants it.
+
+    Only set it when every request comes through a proxy that sets or strips that header: otherwise a
+    client could claim HTTPS by sending it.
+    """
+    value = env_str(name)
+    if not value:
+        return None
+    header, _, expected = value.partition(":")
+    header, expected = header.strip(), expected.strip() or "https"
+    if not header or not all(c.isalnum() or c == "-" for c in header):
+        INVALID_SETTINGS.append(f"{name}={value!r} is not a header name (e.g. X-Forwarded-Proto)")
+        return None
+    return "HTTP_" + header.upper().replace("-", "_"), expected
+
+
+# Behind a TLS-terminating proxy: cookies only over HTTPS, and HTTPS recognised from the proxy's header.
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = env_bool("PORTAL_SECURE_COOKIES", False)
+SECURE_PROXY_SSL_HEADER = env_proxy_ssl_header("PORTAL_SECURE_PROXY_SSL_HEADER")
+
 INSTALLED_APPS = [
     "django.contrib.admin",
     "django.contrib.auth",
@@ -110,6 +133,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "backends_app.permissions.template_context",
             ],
         },
     },
@@ -224,6 +248,7 @@ SPECTACULAR_SETTINGS = {
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
         "backends_app.api.schema.document_auth_errors",
+        "backends_app.api.schema.forbid_unknown_fields",
     ],
 }
 

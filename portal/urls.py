@@ -2,14 +2,19 @@ from __future__ import annotations
 
 from django.contrib import admin
 from django.urls import include, path, re_path
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from backends_app.api import localai
+from backends_app.api import localai, schema
+
+# Under /api/ and on LocalAI's routes, errors raised outside a view answer JSON in the route's shape.
+handler400 = "backends_app.api.errors.bad_request"
+handler403 = "backends_app.api.errors.permission_denied"
+handler404 = "backends_app.api.errors.page_not_found"
+handler500 = "backends_app.api.errors.server_error"
 
 urlpatterns = [
     path("admin/", admin.site.urls),
-    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
-    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
+    path("api/schema/", schema.SchemaView.as_view(), name="schema"),
+    path("api/docs/", schema.DocsView.as_view(url_name="schema"), name="api-docs"),
     path("api/", include("backends_app.api.urls")),
     # LocalAI's own paths, at the root as LocalAI serves them.
     path("backends/upgrades", localai.LocalAIUpgradesView.as_view(), name="localai-upgrades"),

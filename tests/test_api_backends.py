@@ -15,6 +15,7 @@ from backends_app.models import (
     JobKind,
     JobStatus,
     Node,
+    OperationRefused,
     UpgradeJob,
 )
 from tests.test_api_support import (
@@ -277,6 +278,22 @@ def test_a_verb_on_a_backend_that_is_not_installed_is_refused(
     assert response.status_code == 409
     assert message in response.json()["detail"] and response.json()["code"] == "refused"
     assert not UpgradeJob.objects.exists()
+
+
+@pytest.mark.parametrize("latest_digest", ["", "sha256:" + "c" * 64])
+def test_converging_a_backend_installed_nowhere_is_refused_not_a_server_error(
+    api: Any, gallery: Any, latest_digest: str
+) -> None:
+    backend = make_backend(gallery, "absent", latest_digest=latest_digest)
+
+    response = api.post("/api/backends/absent/converge/")
+
+    assert response.status_code == 409, response.content
+    assert response.json() == {"detail": "absent is not installed on any node", "code": "refused"}
+    assert not UpgradeJob.objects.exists()
+    with pytest.raises(OperationRefused) as refused:
+        backend.converge(requested_by="test")
+    assert refused.value.reason == "not_installed"
 
 
 def test_rollback_needs_a_kept_version(api: Any, gallery: Any) -> None:

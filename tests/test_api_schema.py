@@ -81,8 +81,8 @@ def test_the_docs_page_works_offline_from_our_own_static_files() -> None:
 
 
 @pytest.fixture
-def staff_token(db: Any) -> str:
-    return Token.objects.create(user=make_user("fuzzer", staff=True)).key
+def superuser_token(db: Any) -> str:
+    return Token.objects.create(user=make_user("fuzzer", superuser=True)).key
 
 
 @pytest.fixture
@@ -120,7 +120,7 @@ def one_connection() -> Iterator[None]:
 @schema.parametrize()
 @settings(max_examples=15, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 def test_generated_requests_get_no_server_error_and_answers_match_the_schema(
-    case: Any, api_rows: None, staff_token: str, one_connection: None
+    case: Any, api_rows: None, superuser_token: str, one_connection: None
 ) -> None:
     excluded = [positive_data_acceptance] if case.operation.label in BUSINESS_RULES else []
-    case.call_and_validate(headers={"Authorization": f"Token {staff_token}"}, excluded_checks=excluded)
+    case.call_and_validate(headers={"Authorization": f"Token {superuser_token}"}, excluded_checks=excluded)

@@ -119,10 +119,13 @@ def test_a_body_that_is_not_a_settings_object_is_a_400(api: Any, raw: str) -> No
 
 
 def test_last_check_at_cannot_be_written(api: Any) -> None:
+    before = stored()
+
     response = api.patch("/api/settings/", {"last_check_at": "2020-01-01T00:00:00Z"}, format="json")
 
-    assert response.status_code == 200 and response.json()["last_check_at"] is None
+    assert response.status_code == 400 and "Read-only field" in response.json()["last_check_at"][0]
     assert PortalSettings.load().last_check_at is None
+    assert stored() == before
 
 
 def test_settings_are_not_replaced_or_deleted_wholesale(api: Any) -> None:

@@ -18,9 +18,11 @@ User = get_user_model()
 OPERATE = "backends_app.operate_backend"
 
 
-def make_user(username: str, *, staff: bool = False, perms: tuple[str, ...] = ()) -> Any:
+def make_user(
+    username: str, *, staff: bool = False, superuser: bool = False, perms: tuple[str, ...] = ()
+) -> Any:
     # No password: hashing one costs half a second; tests sign in with a token or force_login.
-    user = User.objects.create(username=username, is_staff=staff)
+    user = User.objects.create(username=username, is_staff=staff or superuser, is_superuser=superuser)
     for perm in perms:
         app_label, codename = perm.split(".")
         user.user_permissions.add(

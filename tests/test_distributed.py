@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import requests
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
 from rest_framework.authtoken.models import Token
 
 from backends_app.models import Backend, InstalledVersion, JobKind, JobStatus, Node, UpgradeJob
@@ -195,8 +196,9 @@ def test_a_fleet_upgrades_rolls_back_recovers_and_converges(
             }
         ]
     )
-    staff = get_user_model().objects.create_user("ops", password="x", is_staff=True)
-    token = Token.objects.create(user=staff).key
+    operator = get_user_model().objects.create_user("ops", password="x")
+    operator.user_permissions.add(Permission.objects.get(codename="operate_backend"))
+    token = Token.objects.create(user=operator).key
     for node, capability in (("n1", "default"), ("n2", "nvidia"), ("n3", "amd")):
         fleet.start_worker(node, capability)
     web_a, web_b = api(fleet.start_web(), token), api(fleet.start_web(), token)

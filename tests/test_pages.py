@@ -1,8 +1,8 @@
 """The web pages and the job websocket, through Django's test client and Channels' communicator.
 
-Who may do what: signed-in users read, staff (or the API's permission) write; anonymous users go to
-the sign-in page. The real browser, the real servers and live progress across processes are in
-test_browser.py.
+Who may do what: signed-in users read, holders of the API's permission (and superusers) write;
+anonymous users go to the sign-in page. The real browser, the real servers and live progress across
+processes are in test_browser.py.
 """
 
 from __future__ import annotations

@@ -22,9 +22,9 @@ from rest_framework.response import Response
 from rest_framework.reverse import reverse
 from rest_framework.views import APIView
 
-from backends_app.api.errors import AmbiguousName
-from backends_app.api.permissions import OPERATE_BACKEND
-from backends_app.api.views import backends_with_details, lookup_text, requested_by
+from backends_app import permissions
+from backends_app.api.errors import LOCALAI, AmbiguousName, error_body
+from backends_app.api.views import backends_with_details, lookup_text, no_body_fields, requested_by
 from backends_app.models import (
     Backend,
     InstalledVersion,
@@ -57,15 +57,24 @@ class Refused(exceptions.APIException):
 class LocalAIView(APIView):
     """A LocalAI route: the portal's authentication and permissions, LocalAI's error envelope."""
 
-    write_permission = OPERATE_BACKEND
+    write_action = permissions.OPERATE
 
     def handle_exception(self, exc: Exception) -> Response:
         response = super().handle_exception(exc)
         detail = response.data.get("detail") if isinstance(response.data, dict) else None
-        message = str(detail) if detail is not None else str(response.data)
-        error_type = getattr(detail, "code", None) or type(exc).__name__
-        response.data = {"error": {"code": response.status_code, "message": message, "type": error_type}}
+        if detail is not None:
+            message = str(detail)
+        elif isinstance(response.data, dict):  # field errors: "field: message; ..."
+            message = "; ".join(f"{field}: {_text(errors)}" for field, errors in response.data.items())
+        else:
+            message = _text(response.data)
+        error_type = getattr(detail, "code", None) or getattr(exc, "default_code", None) or type(exc).__name__
+        response.data = error_body(LOCALAI, response.status_code, message, str(error_type))
         return response
+
+
+def _text(errors: Any) -> str:
+    return " ".join(str(error) for error in errors) if isinstance(errors, list) else str(errors)
 
 
 UPGRADE_INFO_SCHEMA = {
@@ -162,6 +171,7 @@ class LocalAICheckUpgradesView(LocalAIView):
         responses={200: UPGRADES_MAP},
     )
     def post(self, request: Request) -> Response:
+        no_body_fields(request)
         job, _ = UpgradeJob.request_check(requested_by=requested_by(request))
         return Response(upgrades_map(), headers={"Location": status_url(request, job)})
 
@@ -194,6 +204,7 @@ class LocalAIUpgradeBackendView(LocalAIView):
             raise exceptions.NotFound(str(exc)) from None
         except Backend.MultipleObjectsReturned as exc:
             raise AmbiguousName(str(exc)) from None
+        no_body_fields(request)
         try:
             job, _ = backend.operate(JobKind.UPGRADE, requested_by=requested_by(request))
         except OperationRefused as exc:

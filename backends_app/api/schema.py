@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+from backends_app.api.errors import JSONErrorsMixin
 
 AUTH_ERRORS = {
     "401": "Not signed in: send `Authorization: Token <key>` (or `Bearer <key>`), or use a session.",
@@ -52,7 +55,32 @@ def document_auth_errors(
     return result
 
 
+def forbid_unknown_fields(
+    result: dict[str, Any], generator: Any, request: Any, public: bool
+) -> dict[str, Any]:
+    """Request bodies declare `additionalProperties: false`: the API refuses fields it does not take."""
+    schemas = result.get("components", {}).get("schemas", {})
+    for path_item in result.get("paths", {}).values():
+        for operation in path_item.values():
+            if not isinstance(operation, dict):
+                continue
+            for media in operation.get("requestBody", {}).get("content", {}).values():
+                ref = media.get("schema", {}).get("$ref", "")
+                component = schemas.get(ref.rpartition("/")[2])
+                if component is not None and component.get("type") == "object":
+                    component["additionalProperties"] = False
+    return result
+
+
 def _error_response(description: str, component: str | None) -> dict[str, Any]:
     """A JSON error response: the named component, or any object (DRF's field-keyed messages)."""
     schema = {"$ref": f"#/components/schemas/{component}"} if component else {"type": "object"}
     return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+class SchemaView(JSONErrorsMixin, SpectacularAPIView):
+    """The OpenAPI schema (YAML or JSON); its errors are JSON like the rest of the API."""
+
+
+class DocsView(JSONErrorsMixin, SpectacularSwaggerView):
+    """Swagger UI; its errors are JSON like the rest of the API."""

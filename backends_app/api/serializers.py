@@ -39,11 +39,13 @@ JSON_TYPES: list[tuple[type[serializers.Field], tuple[type, ...], str]] = [
 
 
 class JsonBodySerializer(serializers.Serializer):
-    """A request body whose values must already have the JSON type of their field."""
+    """A request body whose values must already have the JSON type of their field, and whose every
+    key is a field the endpoint takes: a misspelt or read-only field is refused by name, never
+    silently ignored (the client would believe it had set something)."""
 
     def to_internal_value(self, data: Any) -> Any:
         if isinstance(data, dict):
-            errors = {}
+            errors = self.unwritable_fields(data)
             for name, field in self.fields.items():
                 if field.read_only or name not in data or (data[name] is None and field.allow_null):
                     continue
@@ -58,6 +60,22 @@ class JsonBodySerializer(serializers.Serializer):
             if errors:
                 raise serializers.ValidationError(errors)
         return super().to_internal_value(data)
+
+    def unwritable_fields(self, data: dict[str, Any]) -> dict[str, list[str]]:
+        writable = sorted(name for name, field in self.fields.items() if not field.read_only)
+        takes = f"this request takes {', '.join(writable)}" if writable else "this request takes no fields"
+        errors = {}
+        for key in data:
+            field = self.fields.get(key)
+            if field is None:
+                errors[key] = [f"Unknown field: {takes}."]
+            elif field.read_only:
+                errors[key] = [f"Read-only field: {takes}."]
+        return errors
+
+
+class EmptyBodySerializer(JsonBodySerializer):
+    """The body of a verb that takes no fields: nothing, or an empty object (LocalAI's UI sends `{}`)."""
 
 
 def backend_ref(backend: Backend) -> str:

@@ -28,9 +28,9 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from backends_app import permissions
 from backends_app.api import serializers as api
 from backends_app.api.errors import AmbiguousName
-from backends_app.api.permissions import OPERATE_BACKEND
 from backends_app.models import (
     Backend,
     Gallery,
@@ -65,6 +65,12 @@ def clean_filters(serializer_class: type[serializers.Serializer], request: Reque
     if any(isinstance(value, str) and "\x00" in value for value in values.values()):
         return None
     return values
+
+
+def no_body_fields(request: Request) -> None:
+    """A verb that takes no fields refuses a body that has some (400 naming them), as the others
+    refuse fields they do not take."""
+    api.EmptyBodySerializer(data=request.data).is_valid(raise_exception=True)
 
 
 def job_response(job: UpgradeJob, request: Request, code: int = status.HTTP_200_OK) -> Response:
@@ -187,7 +193,7 @@ class BackendViewSet(viewsets.ReadOnlyModelViewSet):
     serializer_class = api.BackendSerializer
     lookup_field = "name"
     lookup_value_regex = r"[^/]+"
-    write_permission = OPERATE_BACKEND
+    write_action = permissions.OPERATE
 
     def get_queryset(self) -> QuerySet[Backend]:
         queryset = backends_with_details()
@@ -236,6 +242,7 @@ class BackendViewSet(viewsets.ReadOnlyModelViewSet):
     @action(detail=True, methods=["post"])
     def converge(self, request: Request, name: str) -> Response:
         backend = self.get_object()
+        no_body_fields(request)
         try:
             job, created = backend.converge(requested_by=requested_by(request))
         except OperationRefused as exc:
@@ -293,7 +300,9 @@ class BackendViewSet(viewsets.ReadOnlyModelViewSet):
     )
     @action(detail=True, methods=["post"])
     def pin(self, request: Request, name: str) -> Response:
-        self.get_object().pin()
+        backend = self.get_object()
+        no_body_fields(request)
+        backend.pin()
         return Response(self.get_serializer(self.get_object()).data)
 
     @extend_schema(
@@ -304,7 +313,9 @@ class BackendViewSet(viewsets.ReadOnlyModelViewSet):
     )
     @action(detail=True, methods=["post"])
     def unpin(self, request: Request, name: str) -> Response:
-        self.get_object().unpin()
+        backend = self.get_object()
+        no_body_fields(request)
+        backend.unpin()
         return Response(self.get_serializer(self.get_object()).data)
 
 
@@ -320,7 +331,7 @@ class UpgradeViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
     """What the last check found, a new check, and "upgrade everything flagged"."""
 
     serializer_class = api.BackendSerializer
-    write_permission = OPERATE_BACKEND
+    write_action = permissions.OPERATE
 
     def get_queryset(self) -> QuerySet[Backend]:
         return backends_with_details().filter(upgrade_available=True)
@@ -337,6 +348,7 @@ class UpgradeViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
     )
     @action(detail=False, methods=["post"])
     def check(self, request: Request) -> Response:
+        no_body_fields(request)
         job, created = UpgradeJob.request_check(requested_by=requested_by(request))
         if not created:
             return active_job_conflict(
@@ -415,7 +427,7 @@ class UpgradeJobViewSet(viewsets.ReadOnlyModelViewSet):
 
     serializer_class = api.UpgradeJobSerializer
     lookup_value_regex = r"[^/]+"
-    write_permission = OPERATE_BACKEND
+    write_action = permissions.OPERATE
 
     def get_queryset(self) -> QuerySet[UpgradeJob]:
         queryset = UpgradeJob.objects.select_related("backend__gallery", "node").prefetch_related(
@@ -467,6 +479,7 @@ class UpgradeJobViewSet(viewsets.ReadOnlyModelViewSet):
     @action(detail=True, methods=["post"])
     def cancel(self, request: Request, pk: str) -> Response:
         job = self.get_object()
+        no_body_fields(request)
         if job.status in JobStatus.FINISHED:
             data = self.get_serializer(job).data
             detail = f"job #{job.pk} already finished ({job.status}); nothing to cancel"
@@ -484,7 +497,7 @@ class UpgradeJobViewSet(viewsets.ReadOnlyModelViewSet):
 class PortalSettingsView(APIView):
     """The operator's runtime settings: auto-upgrade, check interval, maintenance window, versions kept."""
 
-    write_permission = "backends_app.change_portalsettings"
+    write_action = permissions.CHANGE_SETTINGS
 
     @extend_schema(summary="The portal settings", responses={200: api.PortalSettingsSerializer})
     def get(self, request: Request) -> Response:
@@ -492,13 +505,29 @@ class PortalSettingsView(APIView):
 
     @extend_schema(
         summary="Change some settings",
-        description="Only the fields sent change. Invalid input is a 400 and nothing is saved.",
+        description="Only the fields sent change. Invalid input or an unknown field is a 400 and nothing "
+        "is saved. Changing `health_check_command` needs a superuser (403 otherwise).",
         request=api.PortalSettingsSerializer,
-        responses={200: api.PortalSettingsSerializer, 400: ERRORS[400]},
+        responses={
+            200: api.PortalSettingsSerializer,
+            400: ERRORS[400],
+            403: OpenApiResponse(
+                api.ErrorSerializer, description="Not allowed: the body says what is needed."
+            ),
+        },
     )
     def patch(self, request: Request) -> Response:
-        serializer = api.PortalSettingsSerializer(PortalSettings.load(), data=request.data, partial=True)
+        row = PortalSettings.load()
+        serializer = api.PortalSettingsSerializer(row, data=request.data, partial=True)
         serializer.is_valid(raise_exception=True)
+        command = serializer.validated_data.get("health_check_command", row.health_check_command)
+        if command != row.health_check_command and not permissions.can(
+            request.user, permissions.SET_HEALTH_CHECK_COMMAND
+        ):
+            raise exceptions.PermissionDenied(
+                "Only a superuser may change health_check_command: the workers run it on every node. "
+                "Nothing was saved."
+            )
         serializer.save()
         return Response(serializer.data)
 
@@ -533,8 +562,8 @@ class GalleryViewSet(
     lookup_field = "name"
     lookup_value_regex = r"[^/]+"
 
-    def get_write_permission(self, request: Request) -> str:
-        return "backends_app.add_gallery" if self.action == "create" else "backends_app.change_gallery"
+    def get_write_action(self, request: Request) -> str:
+        return permissions.ADD_GALLERY if self.action == "create" else permissions.CHANGE_GALLERY
 
     def get_object(self) -> Gallery:
         name = lookup_text(self.kwargs["name"])

@@ -15,7 +15,7 @@ from typing import Any
 
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.db.models import Count, Prefetch, Q, QuerySet
+from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
 from django.template.defaultfilters import filesizeformat
 from django.urls import URLPattern, path, reverse
@@ -29,7 +29,6 @@ from backends_app.models import (
     JobKind,
     JobStatus,
     Node,
-    OperationRefused,
     PortalSettings,
     UpgradeJob,
 )
@@ -206,20 +205,11 @@ class BackendAdmin(OperateMixin):
         return HttpResponseRedirect(reverse("admin:backends_app_backend_changelist"))
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Backend]:
-        current = InstalledVersion.objects.filter(state=InstalledVersion.State.CURRENT).select_related("node")
-        return (
-            super()
-            .get_queryset(request)
-            .prefetch_related(
-                Prefetch("installed", queryset=current.order_by("node__name"), to_attr="current_installs")
-            )
-        )
+        return super().get_queryset(request).with_installations()  # type: ignore[attr-defined,no-any-return]
 
     @admin.display(description="installed (per node)")
     def installed_versions(self, backend: Backend) -> str:
-        rows = getattr(backend, "current_installs", None)
-        if rows is None:  # the change page: not prefetched
-            rows = list(backend.installed.filter(state=InstalledVersion.State.CURRENT).select_related("node"))
+        rows = backend.current_versions()
         if not rows:
             return "-"
         versions = format_html_join(
@@ -227,7 +217,7 @@ class BackendAdmin(OperateMixin):
             "{} <small>on {}</small>",
             ((row.version or row.short_digest or "?", row.node) for row in rows),
         )
-        if len({row.digest or row.version for row in rows}) > 1:
+        if backend.drift:
             return format_html('{} <strong title="the nodes run different builds">drift</strong>', versions)
         return versions
 
@@ -290,24 +280,14 @@ class BackendAdmin(OperateMixin):
         self.message_user(request, f"Unpinned {len(queryset)} backend(s).", messages.SUCCESS)
 
     def _request(self, request: HttpRequest, queryset: QuerySet[Backend], kind: str) -> None:
-        """Ask for `kind` on each selected backend (`Backend.operate`: the local node, or a fan-out to the
+        """Ask for `kind` on each selected backend (`Backend.request`: the local node, or a fan-out to the
         nodes in distributed mode); report what was queued, and why not."""
-        queued: list[UpgradeJob] = []
-        refused: list[str] = []
-        for backend in queryset:
-            try:
-                if kind == "converge":
-                    job, created = backend.converge(requested_by=requested_by(request))
-                else:
-                    job, created = backend.operate(kind, requested_by=requested_by(request))
-            except OperationRefused as exc:
-                refused.append(str(exc))
-                continue
-            if created:
-                queued.append(job)
-            else:
-                state = "running" if job.status == JobStatus.RUNNING else "queued"
-                refused.append(format_html("{}: already {} as job {}", backend.name, state, job_link(job)))
+        outcomes = queryset.request_each(kind, requested_by=requested_by(request))
+        queued = outcomes.jobs
+        refused: list[str] = [str(exc) for _, exc in outcomes.refused]
+        for backend, job in outcomes.already_active:
+            state = "running" if job.status == JobStatus.RUNNING else "queued"
+            refused.append(format_html("{}: already {} as job {}", backend.name, state, job_link(job)))
         if queued:
             links = format_html_join(", ", "{}", ((job_link(job),) for job in queued))
             self.message_user(

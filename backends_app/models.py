@@ -7,6 +7,7 @@ the API, the commands and the tasks call the same verbs.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -14,7 +15,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import IntegrityError, models, transaction
-from django.db.models import Q
+from django.db.models import Prefetch, Q
 from django.dispatch import Signal
 from django.utils import timezone
 
@@ -120,6 +121,19 @@ class SyncResult:
         return text
 
 
+@dataclass
+class RequestOutcomes:
+    """What asking for one operation on several backends did (`BackendQuerySet.request_each`)."""
+
+    kind: str
+    jobs: list[UpgradeJob] = field(default_factory=list)
+    """The jobs made for this request (queued, or already run when the caller ran them)."""
+    already_active: list[tuple[Backend, UpgradeJob]] = field(default_factory=list)
+    """Backends busy with another job on that node, and that job: nothing new was made."""
+    refused: list[tuple[Backend, OperationRefused]] = field(default_factory=list)
+    """Backends the operation cannot be done on as asked, and why."""
+
+
 class BackendQuerySet(models.QuerySet["Backend"]):
     def visible(self) -> BackendQuerySet:
         """Entries that name lookups see: not a later duplicate of a name."""
@@ -131,9 +145,60 @@ class BackendQuerySet(models.QuerySet["Backend"]):
             return self.filter(installed__state=current).distinct()
         return self.filter(installed__state=current, installed__node=node).distinct()
 
-    def upgradable(self) -> BackendQuerySet:
-        """Flagged by the last check and not pinned (the check never flags a held target)."""
-        return self.visible().filter(upgrade_available=True, pinned=False)
+    def upgradable(self, node: Node | None = None) -> BackendQuerySet:
+        """Installed (on `node`, default any), flagged by the last check and not pinned (the check
+        never flags a held target): what "upgrade everything" takes."""
+        return self.visible().installed_on(node).filter(upgrade_available=True, pinned=False)
+
+    def with_installations(self) -> BackendQuerySet:
+        """With each backend's gallery, installed rows (node, state, newest first) and active jobs:
+        what the API, the pages and the commands show, in a fixed number of queries."""
+        return self.select_related("gallery").prefetch_related(
+            Prefetch(
+                "installed",
+                queryset=InstalledVersion.objects.select_related("node").order_by(
+                    "node__name", "state", "-installed_at"
+                ),
+            ),
+            Prefetch(
+                "jobs",
+                queryset=UpgradeJob.objects.filter(status__in=JobStatus.ACTIVE).order_by("-id"),
+                to_attr="active_jobs",
+            ),
+        )
+
+    def request_each(
+        self,
+        kind: str,
+        *,
+        node: Node | None = None,
+        requested_by: str = "",
+        force: bool = False,
+        run: Callable[[UpgradeJob], UpgradeJob] | None = None,
+    ) -> RequestOutcomes:
+        """Ask for `kind` (or ``"converge"``) on each backend, as `Backend.request` does, and sort
+        what happened: new jobs, jobs already active, refusals.
+
+        With `run`, each new job is handed to it (the caller runs it in this process, as the
+        commands do) instead of to the workers, before the next backend is asked.
+        """
+        outcomes = RequestOutcomes(kind=kind)
+        for backend in self:
+            try:
+                if kind == "converge":
+                    job, created = backend.converge(requested_by=requested_by)
+                else:
+                    job, created = backend.request(
+                        kind, node=node, requested_by=requested_by, force=force, queue=run is None
+                    )
+            except OperationRefused as exc:
+                outcomes.refused.append((backend, exc))
+                continue
+            if not created:
+                outcomes.already_active.append((backend, job))
+                continue
+            outcomes.jobs.append(run(job) if run is not None else job)
+        return outcomes
 
     def lookup(self, name: str) -> Backend:
         """A backend by gallery name, or `gallery@name` where two galleries share one.
@@ -340,32 +405,62 @@ class Backend(models.Model):
     def release_hold(self) -> None:
         self.hold(version="", digest="", reason="")
 
-    def operate(
-        self, kind: str, *, node: Node | None = None, requested_by: str = "", force: bool = False
+    def request(
+        self,
+        kind: str,
+        *,
+        node: Node | None = None,
+        requested_by: str = "",
+        force: bool = False,
+        queue: bool = True,
     ) -> tuple[UpgradeJob, bool]:
-        """Queue an operation the way the admin, the API and the pages ask for one.
+        """Ask for an operation where it belongs: the way the admin, the API, the pages and the
+        commands ask for one.
 
-        On a named node: that node. In distributed mode (nodes served by their own workers): a
-        fan-out to every node that has the backend, or for an install to every online worker node.
-        Otherwise: the local node. Returns (job, created) like `request`.
+        On a named node: that node (`request_on_node`). In distributed mode (nodes served by their
+        own workers): a fan-out to every node that has the backend, or for an install to every
+        online worker node (`fan_out`). Otherwise: the local node. Returns (job, created); `queue`
+        False leaves a new single-node job for the caller to run.
         """
         if node is not None or not Node.objects.exclude(queue="").exists():
-            return self.request(kind, node=node, requested_by=requested_by, force=force)
+            return self.request_on_node(
+                node or Node.local(), kind, requested_by=requested_by, force=force, queue=queue
+            )
         nodes = None
         if kind == JobKind.INSTALL:
             nodes = [n for n in Node.objects.exclude(queue="") if n.online]
-        return self.request_everywhere(kind, nodes=nodes, requested_by=requested_by, force=force)
+        return self.fan_out(kind, nodes=nodes, requested_by=requested_by, force=force)
 
     def current_versions(self) -> list[InstalledVersion]:
-        """This backend's live version on each node (prefetch `installed` to avoid a query)."""
+        """This backend's live version on each node (`with_installations` saves the query)."""
         return [row for row in self.installed.all() if row.state == InstalledVersion.State.CURRENT]
+
+    def kept_versions_on(self, node_id: int) -> list[InstalledVersion]:
+        """The versions kept for rollback on a node (`with_installations` saves the query)."""
+        return [
+            row
+            for row in self.installed.all()
+            if row.state == InstalledVersion.State.KEPT and row.node_id == node_id
+        ]
+
+    def active_job_on(self, node_id: int | None) -> UpgradeJob | None:
+        """The queued or running job of this backend on a node (None: a fan-out parent), if any.
+
+        Reads `active_jobs` when `with_installations` prefetched it.
+        """
+        jobs = getattr(self, "active_jobs", None)
+        if jobs is None:
+            return UpgradeJob.objects.filter(
+                backend=self, node_id=node_id, status__in=JobStatus.ACTIVE
+            ).first()
+        return next((job for job in jobs if job.node_id == node_id), None)
 
     @property
     def drift(self) -> bool:
         """True when the nodes that have this backend do not all run the same build."""
         return len({row.digest or row.version for row in self.current_versions()}) > 1
 
-    def request_everywhere(
+    def fan_out(
         self,
         kind: str,
         *,
@@ -409,8 +504,8 @@ class Backend(models.Model):
             children, skipped = [], []
             for node in nodes:
                 try:
-                    child, created = self.request(
-                        kind, node=node, requested_by=requested_by, force=force, queue=False, parent=parent
+                    child, created = self.request_on_node(
+                        node, kind, requested_by=requested_by, force=force, queue=False, parent=parent
                     )
                 except OperationRefused as exc:
                     skipped.append(f"{node.name}: {exc}")
@@ -442,26 +537,25 @@ class Backend(models.Model):
         lagging = [row.node for row in rows if row.digest != target]
         if not lagging:
             raise OperationRefused(f"every node runs the same build of {self.name}", "no_drift")
-        return self.request_everywhere(JobKind.UPGRADE, nodes=lagging, requested_by=requested_by, force=True)
+        return self.fan_out(JobKind.UPGRADE, nodes=lagging, requested_by=requested_by, force=True)
 
-    def request(
+    def request_on_node(
         self,
+        node: Node,
         kind: str,
         *,
-        node: Node | None = None,
         requested_by: str = "",
         force: bool = False,
         queue: bool = True,
         parent: UpgradeJob | None = None,
     ) -> tuple[UpgradeJob, bool]:
-        """Ask for an install, upgrade, rollback or uninstall of this backend on a node (default: local).
+        """Ask for an install, upgrade, rollback or uninstall of this backend on one node.
 
         Returns (job, created): when an operation on this backend and node is already queued or
         running, that job comes back and nothing new is made. A new job goes to the workers unless
         `queue` is False (the caller then runs it, as the commands do). Raises OperationRefused when
         the operation cannot be done as asked.
         """
-        node = node or Node.local()
         current = self.installed.filter(node=node, state=InstalledVersion.State.CURRENT).first()
         if self.gone and kind in (JobKind.INSTALL, JobKind.UPGRADE):
             raise OperationRefused(f"{self.name} is no longer in gallery {self.gallery_id}")
@@ -476,7 +570,7 @@ class Backend(models.Model):
             and not self.installed.filter(node=node, state=InstalledVersion.State.KEPT).exists()
         ):
             raise OperationRefused(f"{self.name} has no kept version on {node.name} to roll back to")
-        job, created = UpgradeJob.request(
+        job, created = UpgradeJob.create_unless_active(
             kind,
             backend=self,
             node=node,
@@ -784,7 +878,7 @@ class UpgradeJob(models.Model):
         return job, True
 
     @classmethod
-    def request(
+    def create_unless_active(
         cls,
         kind: str,
         *,
@@ -807,7 +901,9 @@ class UpgradeJob(models.Model):
         except IntegrityError:
             active = cls.objects.filter(backend=backend, node=node, status__in=JobStatus.ACTIVE).first()
             if active is None:  # finished between our insert and this read: try once more
-                return cls.request(kind, backend=backend, node=node, requested_by=requested_by, **fields)
+                return cls.create_unless_active(
+                    kind, backend=backend, node=node, requested_by=requested_by, **fields
+                )
             return active, False
 
     def enqueue(self) -> None:

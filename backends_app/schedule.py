@@ -190,7 +190,7 @@ def auto_upgrade(
 ) -> AutoUpgradeResult:
     """Queue an upgrade for each backend and node the check flagged (never pinned or held, never
     one with an error), when auto-upgrade is on and inside the maintenance window. An operation
-    already queued or running is not duplicated (`Backend.request` returns it)."""
+    already queued or running is not duplicated (`Backend.request_on_node` returns it)."""
     result = AutoUpgradeResult(enabled=portal_settings.auto_upgrade_backends)
     if not result.enabled:
         return result
@@ -214,12 +214,10 @@ def auto_upgrade(
         label = f"{backend.name} on {', '.join(n.name for n in on_nodes)}"
         try:
             if distributed:  # one parent job fanning out to the flagged nodes, as an operator's would
-                job, created = backend.request_everywhere(
-                    JobKind.UPGRADE, nodes=on_nodes, requested_by=AUTO_UPGRADE_BY
-                )
+                job, created = backend.fan_out(JobKind.UPGRADE, nodes=on_nodes, requested_by=AUTO_UPGRADE_BY)
             else:
-                job, created = backend.request(
-                    JobKind.UPGRADE, node=on_nodes[0], requested_by=AUTO_UPGRADE_BY
+                job, created = backend.request_on_node(
+                    on_nodes[0], JobKind.UPGRADE, requested_by=AUTO_UPGRADE_BY
                 )
         except OperationRefused as exc:  # pinned, uninstalled or busy since the check
             result.refused.append(f"{label}: {exc}")

@@ -97,36 +97,35 @@ class InstalledRow:
 
 
 def installed_rows() -> list[InstalledRow]:
-    """Every current installation with its backend, kept versions and active job: three queries."""
-    current = list(
-        InstalledVersion.objects.filter(state=InstalledVersion.State.CURRENT)
-        .select_related("node", "backend__gallery")
-        .order_by("name", "node__name")
-    )
-    kept = set(
-        InstalledVersion.objects.filter(state=InstalledVersion.State.KEPT).values_list("node_id", "name")
-    )
-    active = {
-        (job.backend_id, job.node_id): job
-        for job in UpgradeJob.objects.filter(status__in=JobStatus.ACTIVE, backend__isnull=False)
-    }
-    builds: dict[int, set[str]] = {}
-    for row in current:
-        if row.backend_id:
-            builds.setdefault(row.backend_id, set()).add(row.digest or row.version)
-    rows, seen = [], set()
-    for row in current:
-        rows.append(
-            InstalledRow(
-                installed=row,
-                backend=row.backend,
-                has_kept=(row.node_id, row.name) in kept,
-                job=active.get((row.backend_id, row.node_id)) if row.backend_id else None,
-                drift=len(builds.get(row.backend_id or 0, ())) > 1,
-                first_of_backend=row.backend_id not in seen,
+    """Every current installation with its backend, kept versions and active job, by name and node.
+
+    Gallery backends come from `Backend.objects.with_installations()`; directories no gallery lists
+    (adopted from disk) have rows of their own.
+    """
+    rows: list[InstalledRow] = []
+    for backend in Backend.objects.installed_on().with_installations():
+        for number, row in enumerate(backend.current_versions()):
+            rows.append(
+                InstalledRow(
+                    installed=row,
+                    backend=backend,
+                    has_kept=bool(backend.kept_versions_on(row.node_id)),
+                    job=backend.active_job_on(row.node_id),
+                    drift=backend.drift,
+                    first_of_backend=number == 0,
+                )
             )
+    orphans = InstalledVersion.objects.filter(state=InstalledVersion.State.CURRENT, backend=None)
+    kept = set(
+        InstalledVersion.objects.filter(state=InstalledVersion.State.KEPT, backend=None).values_list(
+            "node_id", "name"
         )
-        seen.add(row.backend_id)
+    )
+    for row in orphans.select_related("node"):
+        rows.append(
+            InstalledRow(installed=row, backend=None, has_kept=(row.node_id, row.name) in kept, job=None)
+        )
+    rows.sort(key=lambda r: (r.installed.name, r.installed.node.name))
     return rows
 
 
@@ -188,7 +187,7 @@ def backends_page(request: HttpRequest) -> HttpResponse:
 def operate(request: HttpRequest, pk: int, operation: str) -> HttpResponse:
     """Install, upgrade (or reinstall), roll back or converge a backend, then show its job.
 
-    With a node (the installed rows' buttons): on that node. Without (Install): `Backend.operate`
+    With a node (the installed rows' buttons): on that node. Without (Install): `Backend.request`
     picks, the local node or, in distributed mode, a fan-out to the worker nodes.
     """
     if operation not in (*OPERATIONS, "converge"):
@@ -206,7 +205,7 @@ def operate(request: HttpRequest, pk: int, operation: str) -> HttpResponse:
         if operation == "converge":
             job, created = backend.converge(requested_by=requested_by(request))
         else:
-            job, created = backend.operate(
+            job, created = backend.request(
                 OPERATIONS[operation], node=node, requested_by=requested_by(request)
             )
     except OperationRefused as exc:
@@ -223,18 +222,14 @@ def upgrade_all(request: HttpRequest) -> HttpResponse:
     """Upgrade every installed backend the last check flagged and nobody pinned (as the API's apply)."""
     if not can_operate(request.user):
         raise PermissionDenied
-    queued: list[UpgradeJob] = []
-    notes: list[str] = []
-    for backend in Backend.objects.upgradable().installed_on().order_by("name"):
-        try:
-            job, created = backend.operate(JobKind.UPGRADE, requested_by=requested_by(request))
-        except OperationRefused as exc:
-            notes.append(str(exc))
-            continue
-        if created:
-            queued.append(job)
-        else:
-            notes.append(already_active(backend.name, job))
+    outcomes = (
+        Backend.objects.upgradable()
+        .order_by("name")
+        .request_each(JobKind.UPGRADE, requested_by=requested_by(request))
+    )
+    queued = outcomes.jobs
+    notes = [str(exc) for _, exc in outcomes.refused]
+    notes += [already_active(backend.name, job) for backend, job in outcomes.already_active]
     if queued:
         links = format_html_join(", ", "{}", ((job_link(job),) for job in queued))
         messages.success(request, format_html("Queued {} upgrade(s): {}.", len(queued), links))

@@ -125,8 +125,7 @@ def fan_out(kind: str, names: list[str], nodes: Any) -> float:
 
     start = time.perf_counter()
     parents = [
-        Backend.objects.lookup(name).request_everywhere(kind, nodes=nodes, requested_by="bench")[0].pk
-        for name in names
+        Backend.objects.lookup(name).fan_out(kind, nodes=nodes, requested_by="bench")[0].pk for name in names
     ]
     wait_for(
         lambda: not UpgradeJob.objects.filter(pk__in=parents, status__in=JobStatus.ACTIVE).exists(),

@@ -54,12 +54,12 @@ def test_an_upgrade_reaches_exactly_the_nodes_that_have_the_backend(
     checked: Backend, published: Any, nodes: list[Node]
 ) -> None:
     n1, n2, n3 = nodes
-    install, created = checked.request_everywhere(JobKind.INSTALL, nodes=[n1, n2], requested_by="test")
+    install, created = checked.fan_out(JobKind.INSTALL, nodes=[n1, n2], requested_by="test")
     install.refresh_from_db()
     assert created and install.status == JobStatus.SUCCEEDED, install.message
     published.push("v2")
 
-    upgrade, _ = checked.request_everywhere(JobKind.UPGRADE, requested_by="test")
+    upgrade, _ = checked.fan_out(JobKind.UPGRADE, requested_by="test")
 
     upgrade.refresh_from_db()
     assert upgrade.status == JobStatus.SUCCEEDED
@@ -72,11 +72,11 @@ def test_a_node_failing_its_health_check_rolls_back_alone_and_the_parent_says_so
     checked: Backend, published: Any, nodes: list[Node]
 ) -> None:
     n1, n2, _ = nodes
-    checked.request_everywhere(JobKind.INSTALL, nodes=[n1, n2])
+    checked.fan_out(JobKind.INSTALL, nodes=[n1, n2])
     published.push("v2")
     (Path(n2.backends_path) / ".fail-health").write_text("")
 
-    upgrade, _ = checked.request_everywhere(JobKind.UPGRADE)
+    upgrade, _ = checked.fan_out(JobKind.UPGRADE)
 
     upgrade.refresh_from_db()
     assert upgrade.status == JobStatus.PARTIAL
@@ -100,11 +100,11 @@ def test_a_failing_canary_stops_the_fan_out_before_the_other_nodes(
     checked: Backend, published: Any, nodes: list[Node]
 ) -> None:
     n1, n2, n3 = nodes
-    checked.request_everywhere(JobKind.INSTALL, nodes=nodes)
+    checked.fan_out(JobKind.INSTALL, nodes=nodes)
     published.push("v2")
     (Path(n1.backends_path) / ".fail-health").write_text("")
 
-    upgrade, _ = checked.request_everywhere(JobKind.UPGRADE, canary=True)
+    upgrade, _ = checked.fan_out(JobKind.UPGRADE, canary=True)
 
     upgrade.refresh_from_db()
     assert upgrade.status == JobStatus.FAILED
@@ -116,10 +116,10 @@ def test_a_failing_canary_stops_the_fan_out_before_the_other_nodes(
 def test_a_succeeding_canary_lets_the_other_nodes_follow(
     checked: Backend, published: Any, nodes: list[Node]
 ) -> None:
-    checked.request_everywhere(JobKind.INSTALL, nodes=nodes)
+    checked.fan_out(JobKind.INSTALL, nodes=nodes)
     published.push("v2")
 
-    upgrade, _ = checked.request_everywhere(JobKind.UPGRADE, canary=True)
+    upgrade, _ = checked.fan_out(JobKind.UPGRADE, canary=True)
 
     upgrade.refresh_from_db()
     assert upgrade.status == JobStatus.SUCCEEDED
@@ -128,7 +128,7 @@ def test_a_succeeding_canary_lets_the_other_nodes_follow(
 
 def test_fan_out_of_a_backend_installed_nowhere_is_refused(checked: Backend, nodes: list[Node]) -> None:
     with pytest.raises(OperationRefused, match="not installed on any node"):
-        checked.request_everywhere(JobKind.UPGRADE)
+        checked.fan_out(JobKind.UPGRADE)
     assert not UpgradeJob.objects.exists()
 
 
@@ -138,7 +138,7 @@ def test_jobs_are_routed_to_their_nodes_cluster(
     from django_q.models import OrmQ
 
     monkeypatch.setattr(Conf, "SYNC", False)
-    parent, _ = checked.request_everywhere(JobKind.INSTALL, nodes=nodes[:2])
+    parent, _ = checked.fan_out(JobKind.INSTALL, nodes=nodes[:2])
     assert sorted(OrmQ.objects.values_list("key", flat=True)) == ["n1", "n2"]
     assert parent.children.count() == 2
 
@@ -168,7 +168,7 @@ def test_auto_upgrade_fans_out_one_parent_job_to_the_flagged_nodes(
     from backends_app.models import PortalSettings
 
     n1, n2, n3 = nodes
-    checked.request_everywhere(JobKind.INSTALL, nodes=[n1, n2])
+    checked.fan_out(JobKind.INSTALL, nodes=[n1, n2])
     published.push("v2")
     portal_settings = PortalSettings.load()
     portal_settings.auto_upgrade_backends = True

@@ -27,7 +27,6 @@ from backends_app.api.errors import LOCALAI, AmbiguousName, error_body
 from backends_app.api.views import backends_with_details, lookup_text, no_body_fields, requested_by
 from backends_app.models import (
     Backend,
-    InstalledVersion,
     JobKind,
     JobStatus,
     Node,
@@ -127,7 +126,7 @@ def upgrades_map() -> dict[str, dict[str, str]]:
     upgrades: dict[str, dict[str, str]] = {}
     for backend in flagged:
         key = f"{backend.gallery.name}@{backend.name}" if backend.name in shared else backend.name
-        current = [r for r in backend.installed_rows if r.state == InstalledVersion.State.CURRENT]
+        current = backend.current_versions()
         installed = next((r for r in current if r.node_id == local.pk), current[0] if current else None)
         info = {
             "backend_name": backend.name,
@@ -206,7 +205,7 @@ class LocalAIUpgradeBackendView(LocalAIView):
             raise AmbiguousName(str(exc)) from None
         no_body_fields(request)
         try:
-            job, _ = backend.operate(JobKind.UPGRADE, requested_by=requested_by(request))
+            job, _ = backend.request(JobKind.UPGRADE, requested_by=requested_by(request))
         except OperationRefused as exc:
             raise Refused(str(exc)) from None
         return Response({"id": str(job.pk), "status_url": status_url(request, job)})

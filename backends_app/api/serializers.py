@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections import defaultdict
 from typing import Any
 
 from django.core.exceptions import ValidationError as DjangoValidationError
@@ -17,7 +16,6 @@ from backends_app import gallery as gallery_index
 from backends_app.models import (
     Backend,
     Gallery,
-    InstalledVersion,
     JobKind,
     JobStatus,
     Node,
@@ -99,8 +97,8 @@ class InstalledOnNodeSerializer(serializers.Serializer):
 class BackendSerializer(serializers.ModelSerializer):
     """A gallery entry with what is installed where, what the last check found, and the operator's holds.
 
-    Expects the queryset of `BackendViewSet.get_queryset()` (installed rows and active jobs prefetched),
-    so a page of backends costs the same few queries whatever its length.
+    Expects backends from `Backend.objects.with_installations()` (installed rows and active jobs
+    prefetched), so a page of backends costs the same few queries whatever its length.
     """
 
     ref = serializers.SerializerMethodField(help_text="`gallery@name`: addresses this entry unambiguously.")
@@ -150,11 +148,6 @@ class BackendSerializer(serializers.ModelSerializer):
 
     @extend_schema_field(InstalledOnNodeSerializer(many=True))
     def get_installed(self, backend: Backend) -> list[dict[str, Any]]:
-        rows = _prefetched(backend, "installed_rows", lambda: backend.installed.select_related("node"))
-        kept: dict[int, int] = defaultdict(int)
-        for row in rows:
-            if row.state == InstalledVersion.State.KEPT:
-                kept[row.node_id] += 1
         return [
             {
                 "node": row.node.name,
@@ -163,29 +156,22 @@ class BackendSerializer(serializers.ModelSerializer):
                 "digest": row.digest,
                 "installed_at": row.installed_at,
                 "state": row.state,
-                "kept_versions": kept[row.node_id],
+                "kept_versions": len(backend.kept_versions_on(row.node_id)),
                 "problem": row.problem,
             }
-            for row in rows
-            if row.state == InstalledVersion.State.CURRENT
+            for row in backend.current_versions()
         ]
 
     @extend_schema_field(serializers.BooleanField())
     def get_drift(self, backend: Backend) -> bool:
-        builds = {(row["digest"] or row["version"]) for row in self.get_installed(backend)}
-        return len(builds) > 1
+        return backend.drift
 
     @extend_schema_field(serializers.IntegerField(allow_null=True))
     def get_active_job(self, backend: Backend) -> int | None:
-        jobs = _prefetched(
-            backend, "active_jobs", lambda: backend.jobs.filter(status__in=JobStatus.ACTIVE).order_by("-id")
-        )
+        jobs = getattr(backend, "active_jobs", None)
+        if jobs is None:
+            jobs = list(backend.jobs.filter(status__in=JobStatus.ACTIVE).order_by("-id")[:1])
         return jobs[0].pk if jobs else None
-
-
-def _prefetched(obj: Any, attr: str, fallback: Any) -> list[Any]:
-    found = getattr(obj, attr, None)
-    return list(found if found is not None else fallback())
 
 
 class UpgradeJobSerializer(serializers.ModelSerializer):

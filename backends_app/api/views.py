@@ -34,7 +34,6 @@ from backends_app.api.errors import AmbiguousName
 from backends_app.models import (
     Backend,
     Gallery,
-    InstalledVersion,
     JobKind,
     JobStatus,
     Node,
@@ -90,24 +89,7 @@ def refused(exc: OperationRefused) -> Response:
 
 def backends_with_details() -> QuerySet[Backend]:
     """Visible backends with what the serializer shows prefetched: a fixed number of queries a page."""
-    return (
-        Backend.objects.visible()
-        .select_related("gallery")
-        .prefetch_related(
-            Prefetch(
-                "installed",
-                queryset=InstalledVersion.objects.select_related("node").order_by(
-                    "node__name", "-installed_at"
-                ),
-                to_attr="installed_rows",
-            ),
-            Prefetch(
-                "jobs",
-                queryset=UpgradeJob.objects.filter(status__in=JobStatus.ACTIVE).order_by("-id"),
-                to_attr="active_jobs",
-            ),
-        )
-    )
+    return Backend.objects.visible().with_installations()
 
 
 def filter_backends(queryset: QuerySet[Backend], filters: dict[str, Any]) -> QuerySet[Backend]:
@@ -218,7 +200,7 @@ class BackendViewSet(viewsets.ReadOnlyModelViewSet):
         body.is_valid(raise_exception=True)
         node = body.validated_data.get("node")
         try:
-            job, created = backend.operate(
+            job, created = backend.request(
                 kind, node=node, requested_by=requested_by(request), force=body.validated_data["force"]
             )
         except OperationRefused as exc:
@@ -372,25 +354,28 @@ class UpgradeViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
         body = api.ApplyRequestSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         node = body.validated_data.get("node")
-        jobs: list[UpgradeJob] = []
-        skipped: list[dict[str, Any]] = []
-        for backend in Backend.objects.upgradable().select_related("gallery"):
-            ref = api.backend_ref(backend)
-            try:
-                job, created = backend.operate(JobKind.UPGRADE, node=node, requested_by=requested_by(request))
-            except OperationRefused as exc:
-                skipped.append({"backend": ref, "reason": str(exc), "job": None})
-                continue
-            if created:
-                jobs.append(job)
-            else:
-                reason = f"job #{job.pk} ({job.kind}) is already {job.status}"
-                skipped.append({"backend": ref, "reason": reason, "job": job.pk})
+        outcomes = (
+            Backend.objects.upgradable(node)
+            .select_related("gallery")
+            .request_each(JobKind.UPGRADE, node=node, requested_by=requested_by(request))
+        )
+        skipped: list[dict[str, Any]] = [
+            {"backend": api.backend_ref(backend), "reason": str(exc), "job": None}
+            for backend, exc in outcomes.refused
+        ]
+        skipped += [
+            {
+                "backend": api.backend_ref(backend),
+                "reason": f"job #{job.pk} ({job.kind}) is already {job.status}",
+                "job": job.pk,
+            }
+            for backend, job in outcomes.already_active
+        ]
         data = {
-            "jobs": api.UpgradeJobSerializer(jobs, many=True, context={"request": request}).data,
+            "jobs": api.UpgradeJobSerializer(outcomes.jobs, many=True, context={"request": request}).data,
             "skipped": skipped,
         }
-        return Response(data, status=status.HTTP_202_ACCEPTED if jobs else status.HTTP_200_OK)
+        return Response(data, status=status.HTTP_202_ACCEPTED if outcomes.jobs else status.HTTP_200_OK)
 
 
 JOB_ID = OpenApiParameter("id", OpenApiTypes.INT, OpenApiParameter.PATH, description="The job's id.")

@@ -23,7 +23,6 @@ from backends_app.models import (
     JobKind,
     JobStatus,
     Node,
-    OperationRefused,
     UpgradeJob,
 )
 
@@ -127,33 +126,31 @@ class Command(BaseCommand):
             )
 
     def rows(self, include_all: bool = False) -> list[dict[str, Any]]:
-        installed = (
-            InstalledVersion.objects.filter(state=InstalledVersion.State.CURRENT)
-            .select_related("backend__gallery", "node")
-            .order_by("name", "node__name")
-        )
-        rows = []
-        for row in installed:
-            if row.backend is None:  # adopted directory that no gallery lists
-                rows.append(
-                    {
-                        "name": row.name,
-                        "gallery": None,
-                        "node": row.node.name,
-                        "installed_version": row.version,
-                        "installed_digest": row.digest,
-                        "installed_at": row.installed_at.isoformat() if row.installed_at else None,
-                        "available_version": None,
-                        "available_digest": None,
-                        "upgrade_available": False,
-                        "reason": "not in any gallery",
-                        "pinned": False,
-                        "held": False,
-                        "problem": row.problem,
-                    }
-                )
-            else:
-                rows.append(backend_row(row.backend, row))
+        rows = [
+            backend_row(backend, row)
+            for backend in Backend.objects.installed_on().with_installations()
+            for row in backend.current_versions()
+        ]
+        orphans = InstalledVersion.objects.filter(state=InstalledVersion.State.CURRENT, backend=None)
+        for row in orphans.select_related("node"):  # adopted directories that no gallery lists
+            rows.append(
+                {
+                    "name": row.name,
+                    "gallery": None,
+                    "node": row.node.name,
+                    "installed_version": row.version,
+                    "installed_digest": row.digest,
+                    "installed_at": row.installed_at.isoformat() if row.installed_at else None,
+                    "available_version": None,
+                    "available_digest": None,
+                    "upgrade_available": False,
+                    "reason": "not in any gallery",
+                    "pinned": False,
+                    "held": False,
+                    "problem": row.problem,
+                }
+            )
+        rows.sort(key=lambda row: (row["name"], row["node"]))
         if include_all:
             listed = {row["name"] for row in rows}
             for backend in Backend.objects.visible().select_related("gallery").exclude(name__in=listed):
@@ -189,7 +186,7 @@ class Command(BaseCommand):
             report = detection.find_upgrades(nodes=[node], requested_by=self.requested_by)
             for row in report.errors:
                 self.stderr.write(f"{row.name}: check failed: {row.error}")
-            backends = list(Backend.objects.upgradable().installed_on(node).select_related("gallery"))
+            backends = list(Backend.objects.upgradable(node).select_related("gallery"))
         else:
             backends = [self.lookup(name) for name in names]
         if dry_run:
@@ -208,49 +205,65 @@ class Command(BaseCommand):
                         f"would upgrade {row['name']}: {row['installed_version'] or '-'} -> {target}"
                     )
             return
-        jobs = self.operate(JobKind.UPGRADE, [b for b in backends], queue=queue, force=force, quiet=json)
+        jobs = self.operate(JobKind.UPGRADE, backends, queue=queue, force=force, quiet=json)
         if json:
             self.stdout.write(_json([_job_json(job) for job in jobs]))
 
     def operate(
         self, kind: str, targets: list[Any], *, queue: bool, force: bool = False, quiet: bool = False
     ) -> list[UpgradeJob]:
-        """Run one operation per target, in order; exit non-zero when any failed."""
-        node = Node.local()
-        jobs, failures = [], []
-        for target in targets:
-            backend = target if isinstance(target, Backend) else self.lookup(target)
-            try:
-                if queue:  # to the workers: a fan-out to the nodes that have it in distributed mode
-                    job, created = backend.operate(kind, requested_by=self.requested_by, force=force)
-                else:
-                    job, created = backend.request(
-                        kind, node=node, requested_by=self.requested_by, force=force, queue=False
-                    )
-            except OperationRefused as exc:
-                failures.append(f"{backend.name}: {exc}")
-                self.stderr.write(f"{backend.name}: {exc}")
-                continue
+        """One operation per target (names or backends), by name; exit non-zero when any failed.
+
+        In the foreground each job runs here, on this node, before the next is asked for; with
+        `queue` the jobs go to the workers (a fan-out to the nodes that have it in distributed mode).
+        """
+        backends = [target if isinstance(target, Backend) else self.lookup(target) for target in targets]
+
+        def run_here(job: UpgradeJob) -> UpgradeJob:
+            job = self.follow(job, run=True, quiet=quiet)
+            self.report(job, quiet=quiet)
+            return job
+
+        outcomes = (
+            Backend.objects.filter(pk__in=[b.pk for b in backends])
+            .order_by("name")
+            .request_each(
+                kind,
+                node=None if queue else Node.local(),
+                requested_by=self.requested_by,
+                force=force,
+                run=None if queue else run_here,
+            )
+        )
+        jobs = list(outcomes.jobs)
+        for backend, exc in outcomes.refused:
+            self.stderr.write(f"{backend.name}: {exc}")
+        for backend, job in outcomes.already_active:
             if queue:
-                self.stdout.write(f"{backend.name}: {kind} queued as job {job.pk}")
-                jobs.append(job)
+                self.stdout.write(f"{backend.name}: job {job.pk} is already {job.status}")
                 continue
-            if not created:
-                self.stdout.write(f"{backend.name}: job {job.pk} is already {job.status}; following it")
-                job = self.follow(job, run=False, quiet=quiet)
-            else:
-                job = self.follow(job, run=True, quiet=quiet)
+            self.stdout.write(f"{backend.name}: job {job.pk} is already {job.status}; following it")
+            job = self.follow(job, run=False, quiet=quiet)
+            self.report(job, quiet=quiet)
             jobs.append(job)
-            outcome = job.error or job.message
-            if job.status == JobStatus.SUCCEEDED:
-                if not quiet:
-                    self.stdout.write(f"{backend.name}: {outcome} (job {job.pk}, {_seconds(job)})")
-            else:
-                failures.append(f"{backend.name}: {job.status}: {outcome}")
-                self.stderr.write(f"{backend.name}: {job.status}: {outcome} (job {job.pk})")
-        if failures:
-            raise CommandError(f"{len(failures)} of {len(targets)} operation(s) did not succeed")
+        if queue:
+            for job in outcomes.jobs:
+                self.stdout.write(
+                    f"{job.backend.name if job.backend else '-'}: {kind} queued as job {job.pk}"
+                )
+        failed = len(outcomes.refused) + sum(job.status != JobStatus.SUCCEEDED for job in jobs if not queue)
+        if failed:
+            raise CommandError(f"{failed} of {len(backends)} operation(s) did not succeed")
         return jobs
+
+    def report(self, job: UpgradeJob, *, quiet: bool) -> None:
+        name = job.backend.name if job.backend else "-"
+        outcome = job.error or job.message
+        if job.status == JobStatus.SUCCEEDED:
+            if not quiet:
+                self.stdout.write(f"{name}: {outcome} (job {job.pk}, {_seconds(job)})")
+        else:
+            self.stderr.write(f"{name}: {job.status}: {outcome} (job {job.pk})")
 
     def follow(self, job: UpgradeJob, *, run: bool, quiet: bool) -> UpgradeJob:
         """Run the job here (`run`), or watch it run in another process, showing its progress."""

@@ -29,8 +29,25 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from backends_app import permissions
-from backends_app.api import serializers as api
 from backends_app.api.errors import AmbiguousName
+from backends_app.api.serializers import (
+    NAME_MAX_LENGTH,
+    ApplyRequestSerializer,
+    ApplyResultSerializer,
+    BackendFilterSerializer,
+    BackendSerializer,
+    ConflictSerializer,
+    EmptyBodySerializer,
+    ErrorSerializer,
+    GallerySerializer,
+    JobFilterSerializer,
+    OperationRequestSerializer,
+    PortalSettingsSerializer,
+    SyncRequestSerializer,
+    SyncResultSerializer,
+    UpgradeJobSerializer,
+    backend_ref,
+)
 from backends_app.models import (
     Backend,
     Gallery,
@@ -69,17 +86,17 @@ def clean_filters(serializer_class: type[serializers.Serializer], request: Reque
 def no_body_fields(request: Request) -> None:
     """A verb that takes no fields refuses a body that has some (400 naming them), as the others
     refuse fields they do not take."""
-    api.EmptyBodySerializer(data=request.data).is_valid(raise_exception=True)
+    EmptyBodySerializer(data=request.data).is_valid(raise_exception=True)
 
 
 def job_response(job: UpgradeJob, request: Request, code: int = status.HTTP_200_OK) -> Response:
-    data = api.UpgradeJobSerializer(job, context={"request": request}).data
+    data = UpgradeJobSerializer(job, context={"request": request}).data
     headers = {"Location": data["url"]} if code == status.HTTP_202_ACCEPTED else None
     return Response(data, status=code, headers=headers)
 
 
 def active_job_conflict(job: UpgradeJob, request: Request, detail: str) -> Response:
-    data = api.UpgradeJobSerializer(job, context={"request": request}).data
+    data = UpgradeJobSerializer(job, context={"request": request}).data
     return Response({"detail": detail, "code": "active_job", "job": data}, status=status.HTTP_409_CONFLICT)
 
 
@@ -114,12 +131,12 @@ def filter_backends(queryset: QuerySet[Backend], filters: dict[str, Any]) -> Que
 
 ERRORS = {
     400: OpenApiResponse(OpenApiTypes.OBJECT, description="Malformed input; the body says which field."),
-    404: OpenApiResponse(api.ErrorSerializer, description="No such backend."),
+    404: OpenApiResponse(ErrorSerializer, description="No such backend."),
 }
 OPERATION_RESPONSES = {
-    202: OpenApiResponse(api.UpgradeJobSerializer, description="Queued; the body is the new job."),
+    202: OpenApiResponse(UpgradeJobSerializer, description="Queued; the body is the new job."),
     409: OpenApiResponse(
-        api.ConflictSerializer,
+        ConflictSerializer,
         description="Nothing queued: `active_job` (that job comes back in `job`) or `refused` (pinned, "
         "not installed, nothing to roll back to, gone from the gallery).",
     ),
@@ -150,7 +167,7 @@ BACKEND_FILTERS = [
     ),
     OpenApiParameter(
         "search",
-        {"type": "string", "maxLength": api.NAME_MAX_LENGTH},
+        {"type": "string", "maxLength": NAME_MAX_LENGTH},
         description="Part of the backend's name.",
     ),
 ]
@@ -160,19 +177,19 @@ BACKEND_FILTERS = [
     list=extend_schema(
         summary="List backends",
         parameters=BACKEND_FILTERS,
-        responses={200: api.BackendSerializer(many=True), 400: ERRORS[400]},
+        responses={200: BackendSerializer(many=True), 400: ERRORS[400]},
     ),
     retrieve=extend_schema(
         summary="One backend",
         parameters=[BACKEND_NAME],
-        responses={200: api.BackendSerializer, 400: ERRORS[400], 404: ERRORS[404]},
+        responses={200: BackendSerializer, 400: ERRORS[400], 404: ERRORS[404]},
     ),
 )
 @extend_schema(tags=["backends"])
 class BackendViewSet(viewsets.ReadOnlyModelViewSet):
     """Gallery entries (first occurrence of each name), addressed by name or `gallery@name`."""
 
-    serializer_class = api.BackendSerializer
+    serializer_class = BackendSerializer
     lookup_field = "name"
     lookup_value_regex = r"[^/]+"
     write_action = permissions.OPERATE
@@ -180,7 +197,7 @@ class BackendViewSet(viewsets.ReadOnlyModelViewSet):
     def get_queryset(self) -> QuerySet[Backend]:
         queryset = backends_with_details()
         if self.action == "list":
-            filters = clean_filters(api.BackendFilterSerializer, self.request)
+            filters = clean_filters(BackendFilterSerializer, self.request)
             queryset = queryset.none() if filters is None else filter_backends(queryset, filters)
         return queryset
 
@@ -196,7 +213,7 @@ class BackendViewSet(viewsets.ReadOnlyModelViewSet):
 
     def _operate(self, request: Request, kind: str) -> Response:
         backend = self.get_object()
-        body = api.OperationRequestSerializer(data=request.data)
+        body = OperationRequestSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         node = body.validated_data.get("node")
         try:
@@ -236,7 +253,7 @@ class BackendViewSet(viewsets.ReadOnlyModelViewSet):
     @extend_schema(
         summary="Install the backend",
         parameters=[BACKEND_NAME],
-        request=api.OperationRequestSerializer,
+        request=OperationRequestSerializer,
         responses=OPERATION_RESPONSES,
     )
     @action(detail=True, methods=["post"])
@@ -247,7 +264,7 @@ class BackendViewSet(viewsets.ReadOnlyModelViewSet):
         summary="Upgrade the backend",
         description='`{"force": true}` upgrades a pinned backend.',
         parameters=[BACKEND_NAME],
-        request=api.OperationRequestSerializer,
+        request=OperationRequestSerializer,
         responses=OPERATION_RESPONSES,
     )
     @action(detail=True, methods=["post"])
@@ -257,7 +274,7 @@ class BackendViewSet(viewsets.ReadOnlyModelViewSet):
     @extend_schema(
         summary="Roll back to the newest kept version",
         parameters=[BACKEND_NAME],
-        request=api.OperationRequestSerializer,
+        request=OperationRequestSerializer,
         responses=OPERATION_RESPONSES,
     )
     @action(detail=True, methods=["post"])
@@ -267,7 +284,7 @@ class BackendViewSet(viewsets.ReadOnlyModelViewSet):
     @extend_schema(
         summary="Uninstall the backend",
         parameters=[BACKEND_NAME],
-        request=api.OperationRequestSerializer,
+        request=OperationRequestSerializer,
         responses=OPERATION_RESPONSES,
     )
     @action(detail=True, methods=["post"])
@@ -278,7 +295,7 @@ class BackendViewSet(viewsets.ReadOnlyModelViewSet):
         summary="Pin: never upgrade automatically",
         parameters=[BACKEND_NAME],
         request=None,
-        responses={200: api.BackendSerializer, 400: ERRORS[400], 404: ERRORS[404]},
+        responses={200: BackendSerializer, 400: ERRORS[400], 404: ERRORS[404]},
     )
     @action(detail=True, methods=["post"])
     def pin(self, request: Request, name: str) -> Response:
@@ -291,7 +308,7 @@ class BackendViewSet(viewsets.ReadOnlyModelViewSet):
         summary="Unpin",
         parameters=[BACKEND_NAME],
         request=None,
-        responses={200: api.BackendSerializer, 400: ERRORS[400], 404: ERRORS[404]},
+        responses={200: BackendSerializer, 400: ERRORS[400], 404: ERRORS[404]},
     )
     @action(detail=True, methods=["post"])
     def unpin(self, request: Request, name: str) -> Response:
@@ -305,14 +322,14 @@ class BackendViewSet(viewsets.ReadOnlyModelViewSet):
     list=extend_schema(
         summary="Backends the last check flagged",
         description="Pinned ones included (see `pinned`); `apply` skips them.",
-        responses={200: api.BackendSerializer(many=True), 400: ERRORS[400]},
+        responses={200: BackendSerializer(many=True), 400: ERRORS[400]},
     )
 )
 @extend_schema(tags=["upgrades"])
 class UpgradeViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
     """What the last check found, a new check, and "upgrade everything flagged"."""
 
-    serializer_class = api.BackendSerializer
+    serializer_class = BackendSerializer
     write_action = permissions.OPERATE
 
     def get_queryset(self) -> QuerySet[Backend]:
@@ -322,9 +339,9 @@ class UpgradeViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
         summary="Check for upgrades now",
         request=None,
         responses={
-            202: OpenApiResponse(api.UpgradeJobSerializer, description="A check job was queued."),
+            202: OpenApiResponse(UpgradeJobSerializer, description="A check job was queued."),
             409: OpenApiResponse(
-                api.ConflictSerializer, description="A check is already queued or running: `job` is that one."
+                ConflictSerializer, description="A check is already queued or running: `job` is that one."
             ),
         },
     )
@@ -342,16 +359,16 @@ class UpgradeViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
         summary="Upgrade every flagged backend",
         description="Queues an upgrade of each backend flagged and not pinned. 202 when at least one job "
         "was queued, 200 when none was; `skipped` lists the others with the reason.",
-        request=api.ApplyRequestSerializer,
+        request=ApplyRequestSerializer,
         responses={
-            202: api.ApplyResultSerializer,
-            200: api.ApplyResultSerializer,
+            202: ApplyResultSerializer,
+            200: ApplyResultSerializer,
             400: ERRORS[400],
         },
     )
     @action(detail=False, methods=["post"])
     def apply(self, request: Request) -> Response:
-        body = api.ApplyRequestSerializer(data=request.data)
+        body = ApplyRequestSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         node = body.validated_data.get("node")
         outcomes = (
@@ -360,19 +377,19 @@ class UpgradeViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
             .request_each(JobKind.UPGRADE, node=node, requested_by=requested_by(request))
         )
         skipped: list[dict[str, Any]] = [
-            {"backend": api.backend_ref(backend), "reason": str(exc), "job": None}
+            {"backend": backend_ref(backend), "reason": str(exc), "job": None}
             for backend, exc in outcomes.refused
         ]
         skipped += [
             {
-                "backend": api.backend_ref(backend),
+                "backend": backend_ref(backend),
                 "reason": f"job #{job.pk} ({job.kind}) is already {job.status}",
                 "job": job.pk,
             }
             for backend, job in outcomes.already_active
         ]
         data = {
-            "jobs": api.UpgradeJobSerializer(outcomes.jobs, many=True, context={"request": request}).data,
+            "jobs": UpgradeJobSerializer(outcomes.jobs, many=True, context={"request": request}).data,
             "skipped": skipped,
         }
         return Response(data, status=status.HTTP_202_ACCEPTED if outcomes.jobs else status.HTTP_200_OK)
@@ -394,23 +411,23 @@ JOB_ID = OpenApiParameter("id", OpenApiTypes.INT, OpenApiParameter.PATH, descrip
             OpenApiParameter("kind", OpenApiTypes.STR, enum=JobKind.values),
             OpenApiParameter(
                 "backend",
-                {"type": "string", "maxLength": api.NAME_MAX_LENGTH + 101},
+                {"type": "string", "maxLength": NAME_MAX_LENGTH + 101},
                 description="Backend name or gallery@name.",
             ),
         ],
-        responses={200: api.UpgradeJobSerializer(many=True), 400: ERRORS[400]},
+        responses={200: UpgradeJobSerializer(many=True), 400: ERRORS[400]},
     ),
     retrieve=extend_schema(
         summary="One job",
         parameters=[JOB_ID],
-        responses={200: api.UpgradeJobSerializer, 404: OpenApiResponse(api.ErrorSerializer)},
+        responses={200: UpgradeJobSerializer, 404: OpenApiResponse(ErrorSerializer)},
     ),
 )
 @extend_schema(tags=["jobs"])
 class UpgradeJobViewSet(viewsets.ReadOnlyModelViewSet):
     """Every operation and check, with live progress and how it ended."""
 
-    serializer_class = api.UpgradeJobSerializer
+    serializer_class = UpgradeJobSerializer
     lookup_value_regex = r"[^/]+"
     write_action = permissions.OPERATE
 
@@ -420,7 +437,7 @@ class UpgradeJobViewSet(viewsets.ReadOnlyModelViewSet):
         )
         if self.action != "list":
             return queryset
-        filters = clean_filters(api.JobFilterSerializer, self.request)
+        filters = clean_filters(JobFilterSerializer, self.request)
         if filters is None:
             return queryset.none()
         wanted = filters.get("status")
@@ -455,10 +472,10 @@ class UpgradeJobViewSet(viewsets.ReadOnlyModelViewSet):
         parameters=[JOB_ID],
         request=None,
         responses={
-            200: OpenApiResponse(api.UpgradeJobSerializer, description="Cancelled."),
-            202: OpenApiResponse(api.UpgradeJobSerializer, description="Asked to stop; still running."),
-            404: OpenApiResponse(api.ErrorSerializer),
-            409: OpenApiResponse(api.ConflictSerializer, description="Already finished."),
+            200: OpenApiResponse(UpgradeJobSerializer, description="Cancelled."),
+            202: OpenApiResponse(UpgradeJobSerializer, description="Asked to stop; still running."),
+            404: OpenApiResponse(ErrorSerializer),
+            409: OpenApiResponse(ConflictSerializer, description="Already finished."),
         },
     )
     @action(detail=True, methods=["post"])
@@ -484,26 +501,24 @@ class PortalSettingsView(APIView):
 
     write_action = permissions.CHANGE_SETTINGS
 
-    @extend_schema(summary="The portal settings", responses={200: api.PortalSettingsSerializer})
+    @extend_schema(summary="The portal settings", responses={200: PortalSettingsSerializer})
     def get(self, request: Request) -> Response:
-        return Response(api.PortalSettingsSerializer(PortalSettings.load()).data)
+        return Response(PortalSettingsSerializer(PortalSettings.load()).data)
 
     @extend_schema(
         summary="Change some settings",
         description="Only the fields sent change. Invalid input or an unknown field is a 400 and nothing "
         "is saved. Changing `health_check_command` needs a superuser (403 otherwise).",
-        request=api.PortalSettingsSerializer,
+        request=PortalSettingsSerializer,
         responses={
-            200: api.PortalSettingsSerializer,
+            200: PortalSettingsSerializer,
             400: ERRORS[400],
-            403: OpenApiResponse(
-                api.ErrorSerializer, description="Not allowed: the body says what is needed."
-            ),
+            403: OpenApiResponse(ErrorSerializer, description="Not allowed: the body says what is needed."),
         },
     )
     def patch(self, request: Request) -> Response:
         row = PortalSettings.load()
-        serializer = api.PortalSettingsSerializer(row, data=request.data, partial=True)
+        serializer = PortalSettingsSerializer(row, data=request.data, partial=True)
         serializer.is_valid(raise_exception=True)
         command = serializer.validated_data.get("health_check_command", row.health_check_command)
         if command != row.health_check_command and not permissions.can(
@@ -527,13 +542,13 @@ GALLERY_NAME = OpenApiParameter(
     retrieve=extend_schema(
         summary="One gallery",
         parameters=[GALLERY_NAME],
-        responses={200: api.GallerySerializer, 404: OpenApiResponse(api.ErrorSerializer)},
+        responses={200: GallerySerializer, 404: OpenApiResponse(ErrorSerializer)},
     ),
     create=extend_schema(
         summary="Follow a gallery",
         description="The URL is checked (https://, http://, file:///absolute/path or "
         "github:owner/repo/path@branch) but not fetched; sync it next.",
-        responses={201: api.GallerySerializer, 400: ERRORS[400]},
+        responses={201: GallerySerializer, 400: ERRORS[400]},
     ),
 )
 @extend_schema(tags=["galleries"])
@@ -542,7 +557,7 @@ class GalleryViewSet(
 ):
     """The gallery indexes the portal reads backends from."""
 
-    serializer_class = api.GallerySerializer
+    serializer_class = GallerySerializer
     queryset = Gallery.objects.all()
     lookup_field = "name"
     lookup_value_regex = r"[^/]+"
@@ -562,18 +577,18 @@ class GalleryViewSet(
         description="Fetches and stores the index inline. 200 with what changed; 502 when the gallery "
         "could not be fetched or parsed (nothing changed; the error is recorded on the gallery).",
         parameters=[GALLERY_NAME],
-        request=api.SyncRequestSerializer,
+        request=SyncRequestSerializer,
         responses={
-            200: api.SyncResultSerializer,
+            200: SyncResultSerializer,
             400: ERRORS[400],
-            404: OpenApiResponse(api.ErrorSerializer),
-            502: OpenApiResponse(api.SyncResultSerializer, description="The sync failed; `error` says why."),
+            404: OpenApiResponse(ErrorSerializer),
+            502: OpenApiResponse(SyncResultSerializer, description="The sync failed; `error` says why."),
         },
     )
     @action(detail=True, methods=["post"])
     def sync(self, request: Request, name: str) -> Response:
         gallery = self.get_object()
-        body = api.SyncRequestSerializer(data=request.data)
+        body = SyncRequestSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         try:
             result = gallery.sync(force=body.validated_data["force"])

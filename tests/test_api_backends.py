@@ -18,7 +18,7 @@ from backends_app.models import (
     OperationRefused,
     UpgradeJob,
 )
-from tests.test_api_support import (
+from tests.helpers.api import (
     OPERATE,
     client_for,
     flag_upgrade,

@@ -9,7 +9,7 @@ import pytest
 from django.db import connection
 
 from backends_app.models import JobKind, UpgradeJob
-from tests.test_api_support import OPERATE, client_for, install, make_backend, make_gallery, make_user
+from tests.helpers.api import OPERATE, client_for, install, make_backend, make_gallery, make_user
 
 CLIENTS = 50
 

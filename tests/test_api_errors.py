@@ -16,7 +16,7 @@ from django.test import Client
 from django.utils import timezone
 
 from backends_app.models import Gallery, InstalledVersion, JobKind, PortalSettings, UpgradeJob
-from tests.test_api_support import (
+from tests.helpers.api import (
     OPERATE,
     client_for,
     flag_upgrade,

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from backends_app.models import Backend, Gallery
-from tests.test_api_support import client_for, make_user
+from tests.helpers.api import client_for, make_user
 
 pytestmark = pytest.mark.django_db
 

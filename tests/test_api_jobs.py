@@ -9,7 +9,7 @@ import pytest
 from django.utils import timezone
 
 from backends_app.models import JobKind, JobPhase, JobStatus, Node, UpgradeJob
-from tests.test_api_support import OPERATE, client_for, make_backend, make_gallery, make_user
+from tests.helpers.api import OPERATE, client_for, make_backend, make_gallery, make_user
 
 pytestmark = pytest.mark.django_db
 

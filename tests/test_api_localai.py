@@ -8,7 +8,7 @@ import pytest
 
 from backends_app.api.localai import format_bytes
 from backends_app.models import JobKind, JobStatus, Node, UpgradeJob
-from tests.test_api_support import (
+from tests.helpers.api import (
     OPERATE,
     client_for,
     flag_upgrade,

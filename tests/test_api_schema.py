@@ -19,7 +19,7 @@ from rest_framework.test import APIClient
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from backends_app.models import Gallery, JobKind, JobStatus, Node, UpgradeJob
-from tests.test_api_support import flag_upgrade, install, make_backend, make_gallery, make_user
+from tests.helpers.api import flag_upgrade, install, make_backend, make_gallery, make_user
 
 # Where JSON Schema cannot say what is valid: a supported gallery URL form, a maintenance window whose
 # two ends differ, a node that exists. There a schema-valid body may rightly get a 400.

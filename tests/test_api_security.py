@@ -13,7 +13,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from backends_app.models import Gallery, JobKind, PortalSettings, UpgradeJob
-from tests.test_api_support import OPERATE, client_for, install, make_backend, make_gallery, make_user
+from tests.helpers.api import OPERATE, client_for, install, make_backend, make_gallery, make_user
 
 pytestmark = pytest.mark.django_db
 

@@ -8,7 +8,7 @@ import pytest
 from django.forms.models import model_to_dict
 
 from backends_app.models import PortalSettings
-from tests.test_api_support import client_for, make_user
+from tests.helpers.api import client_for, make_user
 
 pytestmark = pytest.mark.django_db
 

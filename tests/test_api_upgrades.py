@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from backends_app.models import JobKind, JobStatus, Node, UpgradeJob
-from tests.test_api_support import (
+from tests.helpers.api import (
     OPERATE,
     client_for,
     flag_upgrade,

@@ -19,7 +19,7 @@ from django.test import Client
 
 from backends_app import permissions
 from backends_app.models import Backend, Gallery, JobKind, JobStatus, Node, PortalSettings, UpgradeJob
-from tests.test_api_support import client_for, flag_upgrade, install, make_backend, make_gallery
+from tests.helpers.api import client_for, flag_upgrade, install, make_backend, make_gallery
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("fast_password_hashing")]
 

@@ -1,4 +1,4 @@
-"""Helpers shared by the tests/test_api_*.py files: users, clients and fixture rows. Holds no tests."""
+"""Users, API clients and fixture rows shared by the API tests."""
 
 from __future__ import annotations
 

@@ -24,6 +24,7 @@ from django.utils.html import format_html, format_html_join
 from backends_app import permissions
 from backends_app.models import (
     Backend,
+    BackendQuerySet,
     Gallery,
     InstalledVersion,
     JobKind,
@@ -132,10 +133,11 @@ class NodeFilter(admin.SimpleListFilter):
         return [(str(pk), name) for pk, name in Node.objects.values_list("pk", "name")]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Backend]) -> QuerySet[Backend]:
-        if not self.value():
+        node_id = self.value()
+        if not node_id:
             return queryset
         on_node = InstalledVersion.objects.filter(
-            state=InstalledVersion.State.CURRENT, node_id=self.value()
+            state=InstalledVersion.State.CURRENT, node_id=node_id
         ).values("backend_id")
         return queryset.filter(pk__in=on_node)
 
@@ -205,7 +207,7 @@ class BackendAdmin(OperateMixin):
         return HttpResponseRedirect(reverse("admin:backends_app_backend_changelist"))
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Backend]:
-        return super().get_queryset(request).with_installations()  # type: ignore[attr-defined,no-any-return]
+        return super().get_queryset(request).with_installations()  # type: ignore[attr-defined]
 
     @admin.display(description="installed (per node)")
     def installed_versions(self, backend: Backend) -> str:
@@ -249,22 +251,22 @@ class BackendAdmin(OperateMixin):
             )
 
     @admin.action(description="Install selected backends", permissions=["operate"])
-    def install_selected(self, request: HttpRequest, queryset: QuerySet[Backend]) -> None:
+    def install_selected(self, request: HttpRequest, queryset: BackendQuerySet) -> None:
         self._request(request, queryset, JobKind.INSTALL)
 
     @admin.action(description="Upgrade selected backends", permissions=["operate"])
-    def upgrade_selected(self, request: HttpRequest, queryset: QuerySet[Backend]) -> None:
+    def upgrade_selected(self, request: HttpRequest, queryset: BackendQuerySet) -> None:
         self._request(request, queryset, JobKind.UPGRADE)
 
     @admin.action(description="Roll back selected backends to their kept version", permissions=["operate"])
-    def rollback_selected(self, request: HttpRequest, queryset: QuerySet[Backend]) -> None:
+    def rollback_selected(self, request: HttpRequest, queryset: BackendQuerySet) -> None:
         self._request(request, queryset, JobKind.ROLLBACK)
 
     @admin.action(
         description="Converge selected backends (upgrade the nodes that run another build)",
         permissions=["operate"],
     )
-    def converge_selected(self, request: HttpRequest, queryset: QuerySet[Backend]) -> None:
+    def converge_selected(self, request: HttpRequest, queryset: BackendQuerySet) -> None:
         self._request(request, queryset, "converge")
 
     @admin.action(description="Pin selected backends (no automatic upgrades)", permissions=["operate"])
@@ -279,7 +281,7 @@ class BackendAdmin(OperateMixin):
             backend.unpin()
         self.message_user(request, f"Unpinned {len(queryset)} backend(s).", messages.SUCCESS)
 
-    def _request(self, request: HttpRequest, queryset: QuerySet[Backend], kind: str) -> None:
+    def _request(self, request: HttpRequest, queryset: BackendQuerySet, kind: str) -> None:
         """Ask for `kind` on each selected backend (`Backend.request`: the local node, or a fan-out to the
         nodes in distributed mode); report what was queued, and why not."""
         outcomes = queryset.request_each(kind, requested_by=requested_by(request))

@@ -680,8 +680,8 @@ def _look_up(
             raise
     verdicts = []
     for index, target in enumerate(targets):
-        keys = compares.get(index)
-        new, old = (lookups[keys[0]], lookups[keys[1]]) if keys else (None, None)
+        compared = compares.get(index)
+        new, old = (lookups[compared[0]], lookups[compared[1]]) if compared else (None, None)
         verdicts.append((target, _decide(target, heads.get(target.chain, _Head()), new, old)))
     return verdicts
 

@@ -450,9 +450,8 @@ class Backend(models.Model):
         """
         jobs = getattr(self, "active_jobs", None)
         if jobs is None:
-            return UpgradeJob.objects.filter(
-                backend=self, node_id=node_id, status__in=JobStatus.ACTIVE
-            ).first()
+            on_node = Q(node__isnull=True) if node_id is None else Q(node_id=node_id)
+            return UpgradeJob.objects.filter(on_node, backend=self, status__in=JobStatus.ACTIVE).first()
         return next((job for job in jobs if job.node_id == node_id), None)
 
     @property
@@ -866,7 +865,7 @@ class UpgradeJob(models.Model):
             active = cls.objects.filter(kind=JobKind.CHECK, status__in=JobStatus.ACTIVE).first()
             if active is None:
                 return cls.request_check(requested_by, queue=queue)
-            stale = timezone.now() - dt.timedelta(seconds=settings.Q_CLUSTER["timeout"])
+            stale = timezone.now() - dt.timedelta(seconds=settings.PORTAL_TASK_TIMEOUT)
             if (active.started_at or active.created_at) < stale:
                 active.fail(
                     "interrupted: its process stopped before it finished", status=JobStatus.INTERRUPTED

@@ -25,6 +25,7 @@ from django.utils import timezone
 
 from backends_app import oci
 from backends_app.disk import fsops, layout
+from backends_app.disk.errors import LayoutError
 from backends_app.disk.health import health_check
 from backends_app.disk.journal import Journal, JournalRecord
 from backends_app.models import (
@@ -128,6 +129,8 @@ def perform(job: UpgradeJob, observer: Callable[[UpgradeJob], None] | None = Non
     `observer` is called with the job after each change of phase or progress (the commands draw
     their progress bar with it).
     """
+    if job.backend is None:
+        raise ProcedureError(f"job {job.pk} names no backend (its gallery entry was deleted)")
     node = job.node or Node.local()
     state = layout.StateDirs(node.state_path)
     operation = Operation(
@@ -715,6 +718,8 @@ def _recover(journal: Journal, state: layout.StateDirs, record: JournalRecord) -
     else:
         new_is_live = step == "swapped"
     if new_is_live:
+        if staging is None:
+            raise LayoutError(f"journal record of {name} at {step!r} names no staging directory")
         if step != "reverting":
             journal.advance(name, "reverting")
         if had_previous:

@@ -145,7 +145,10 @@ def push_tags(server: Any, count: int) -> tuple[str, list[tuple[str, str]]]:
         for i in range(count):
             tag = f"latest-backend-{i:04d}"
             ref = f"{server.host}/{repo}:{tag}"
-            files = {"run.sh": ("#!/bin/sh\necho ok\n", 0o755), "build.txt": f"backend {i}"}
+            files: dict[str, str | tuple[str, int]] = {
+                "run.sh": ("#!/bin/sh\necho ok\n", 0o755),
+                "build.txt": f"backend {i}",
+            }
             publish_files(files, ref, client=client, platforms=[PLATFORM])
             tags.append((tag, client.head_digest(ref)))
     return repo, tags

@@ -190,11 +190,12 @@ else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
 # --- django-q2 ------------------------------------------------------------------------------
+PORTAL_TASK_TIMEOUT = env_int("PORTAL_TASK_TIMEOUT", 3600)
 Q_CLUSTER = {
     "name": env_str("PORTAL_Q_CLUSTER", "portal"),
     "workers": env_int("PORTAL_WORKERS", 2),
-    "timeout": env_int("PORTAL_TASK_TIMEOUT", 3600),
-    "retry": env_int("PORTAL_TASK_TIMEOUT", 3600) + 60,
+    "timeout": PORTAL_TASK_TIMEOUT,
+    "retry": PORTAL_TASK_TIMEOUT + 60,
     "max_attempts": 1,
     "orm": "default",
     "catch_up": False,

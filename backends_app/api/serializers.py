@@ -181,7 +181,9 @@ class UpgradeJobSerializer(serializers.ModelSerializer):
     backend = serializers.SerializerMethodField(help_text="The backend's name; null for a check.")
     gallery = serializers.SerializerMethodField(help_text="The backend's gallery; null for a check.")
     node = serializers.SerializerMethodField()
-    parent = serializers.PrimaryKeyRelatedField(read_only=True, allow_null=True)
+    parent: serializers.PrimaryKeyRelatedField[UpgradeJob] = serializers.PrimaryKeyRelatedField(  # type: ignore[assignment]
+        read_only=True, allow_null=True
+    )
     children = serializers.SerializerMethodField()
     duration_seconds = serializers.SerializerMethodField()
 

@@ -184,8 +184,8 @@ class Command(BaseCommand):
             node = Node.local()
             # A fresh look first (side-effect free), so "all" means what is available now.
             report = detection.find_upgrades(nodes=[node], requested_by=self.requested_by)
-            for row in report.errors:
-                self.stderr.write(f"{row.name}: check failed: {row.error}")
+            for failed in report.errors:
+                self.stderr.write(f"{failed.name}: check failed: {failed.error}")
             backends = list(Backend.objects.upgradable(node).select_related("gallery"))
         else:
             backends = [self.lookup(name) for name in names]

@@ -175,11 +175,6 @@ def timed_download(host: str, size: int, results: list[float], index: int) -> No
     results[index] = time.perf_counter() - start
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _vm_hwm_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -209,14 +204,14 @@ def main(argv: list[str] | None = None) -> int:
             threading.Thread(target=timed_download, args=(proxy.host, size, results, i))
             for i in range(args.connections)
         ]
-        cpu_before = _cpu_seconds(proxy.pid)
+        cpu_before = proxy.cpu_seconds()
         started = time.perf_counter()
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
         wall = time.perf_counter() - started
-        cpu = _cpu_seconds(proxy.pid) - cpu_before
+        cpu = proxy.cpu_seconds() - cpu_before
         rss = _vm_hwm_mib(proxy.pid)
     if not all(results):
         print("a download failed", file=sys.stderr)

@@ -13,11 +13,16 @@ pushes it with our publisher, then times, alternately and ``--rounds`` times eac
 Disk: ours writes nothing but the final tree (bytes written by the child, from /proc/self/io,
 minus the tree's size); the baseline keeps the compressed layers on disk until unpacked.
 The results replace the section between ``<!-- bench:pull -->`` markers in docs/benchmarks.md.
+
+``--via-proxy RTT_MS:RATE_MBPS`` (for instance ``40:25``) puts both sides behind ``bench.netproxy``
+(its own process): every exchange costs that round trip and each connection is capped at that many
+MB/s, as pulling from a distant registry is. Those results go between ``<!-- bench:pull-link -->``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -32,9 +37,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from bench.netproxy import MB, ProxyProcess, optional_link, parse_link
+from bench.report import write_section
+
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench:pull -->", "<!-- /bench:pull -->"
+LINK_BEGIN, LINK_END = "<!-- bench:pull-link -->", "<!-- /bench:pull-link -->"
+LINK_GOAL = 0.6  # ours / (skopeo + tar) through the link
 MiB = 1024 * 1024
 MTIME = 1_700_000_000
 
@@ -131,8 +140,8 @@ def data_layer(budget: int) -> Iterator[tuple[tarfile.TarInfo, bytes | None]]:
     yield _info("run.sh", 24, 0o755), b"#!/bin/sh\nexec ./bin/x\n\n"[:24]
 
 
-def build_and_push(registry_host: str, workdir: Path, size_mib: int) -> tuple[str, int, int, int]:
-    """Build the four layers into files, push the image; return (ref, compressed, plain, files)."""
+def build_and_push(registry_host: str, workdir: Path, size_mib: int) -> tuple[str, list[int], int, int]:
+    """Build the four layers into files, push the image; return (ref, compressed sizes, plain, files)."""
     from backends_app.oci import RegistryClient, RegistryConfig
     from backends_app.oci.publish import LayerBlob, push_image, write_layer
 
@@ -168,11 +177,10 @@ def build_and_push(registry_host: str, workdir: Path, size_mib: int) -> tuple[st
     ref = f"{registry_host}/bench/pull:v1"
     with RegistryClient(RegistryConfig(timeout=(5, 120))) as client:
         push_image(client, ref, {"linux/amd64": layers}, version="1.0.0")
-    compressed = sum(layer.size for layer in layers)
     for layer in layers:
         assert layer.path is not None
         layer.path.unlink()
-    return ref, compressed, plain, files
+    return ref, [layer.size for layer in layers], plain, files
 
 
 # -- measurements --------------------------------------------------------------------------------
@@ -283,24 +291,85 @@ def run_baseline(ref: str, workdir: Path) -> dict[str, float]:
     return data
 
 
+@contextlib.contextmanager
+def link_usage(proxy: ProxyProcess | None) -> Iterator[dict[str, float]]:
+    """What one side cost the link: connections opened, bytes delivered, the proxy's CPU seconds."""
+    usage: dict[str, float] = {}
+    if proxy is None:
+        yield usage
+        return
+    before, cpu = proxy.stats(), proxy.cpu_seconds()
+    yield usage
+    after = proxy.stats()
+    usage["connections"] = after["connections"] - before["connections"]
+    usage["bytes_down"] = after["bytes_down"] - before["bytes_down"]
+    usage["proxy_cpu"] = proxy.cpu_seconds() - cpu
+
+
 # -- report --------------------------------------------------------------------------------------
 
 
-def write_docs(section: str) -> None:
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    text = (
-        DOCS.read_text()
-        if DOCS.exists()
-        else "# Benchmarks\n\nNumbers measured on the project's 2-core machines.\n"
-    )
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}"
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        _, _, tail = rest.partition(END)
-        text = head + block + tail
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    DOCS.write_text(text)
+def link_section(
+    args: argparse.Namespace,
+    link: str,
+    ours: list[dict[str, float]],
+    base: list[dict[str, float]],
+    plain: int,
+    files: int,
+    layer_sizes: list[int],
+    load_before: float,
+    base_dir: str | None,
+) -> str:
+    """The results through the emulated link, side by side with skopeo + tar through the same link."""
+    rtt_ms, rate_mbps = parse_link(link)
+    compressed = sum(layer_sizes)
+    best_ours, best_base = min(r["wall"] for r in ours), min(r["wall"] for r in base)
+    ratio = best_ours / best_base
+    rate = (rate_mbps or 0) * MB
+
+    def per_pull(rows: list[dict[str, float]], key: str) -> str:
+        low, high = min(int(r[key]) for r in rows), max(int(r[key]) for r in rows)
+        return str(low) if low == high else f"{low}-{high}"
+
+    def cpu(rows: list[dict[str, float]]) -> str:
+        worst = max(rows, key=lambda r: r["proxy_cpu"] / r["wall"])
+        return f"{worst['proxy_cpu']:.2f} s ({worst['proxy_cpu'] / worst['wall'] * 100:.0f} % of one core)"
+
+    floors = ""
+    if rate:
+        floors = (
+            f"At {rate_mbps:g} MB/s per connection, the compressed bytes take {compressed / rate:.1f} s "
+            f"on one connection at a time, and {max(layer_sizes) / rate:.1f} s (the largest layer) with "
+            "every layer on its own connection at once.\n"
+        )
+    return f"""### Pull, verify and unpack (`bench/bench_pull.py --via-proxy {link}`)
+
+`python -m bench.bench_pull --size-mib {args.size_mib} --via-proxy {link}` ({time.strftime("%Y-%m-%d")}, \
+{os.cpu_count()} cores): both sides pull from the loopback registry through `bench.netproxy` (its own
+process) at {rtt_ms:g} ms round trip and {rate_mbps or 0:g} MB/s per connection; best of {args.rounds} \
+alternating rounds, trees written under `{base_dir or tempfile.gettempdir()}`, load average \
+{load_before:.1f} when it started.
+
+Image: {plain / MiB:.0f} MiB in {files} files over 4 gzip layers ({compressed / MiB:.0f} MiB compressed: \
+{", ".join(f"{size / MiB:.0f}" for size in layer_sizes)} MiB).
+
+| | ours (`RegistryClient.pull`) | baseline (`skopeo copy` + `tar -xf`) |
+|---|---|---|
+| wall time, best | {best_ours:.2f} s | {best_base:.2f} s |
+| wall time, median | {statistics.median(r["wall"] for r in ours):.2f} s | \
+{statistics.median(r["wall"] for r in base):.2f} s |
+| connections opened per pull | {per_pull(ours, "connections")} | {per_pull(base, "connections")} |
+| MB received through the link per pull | {max(r["bytes_down"] for r in ours) / MB:.0f} | \
+{max(r["bytes_down"] for r in base) / MB:.0f} |
+| peak RSS | {max(r["vm_hwm_kib"] for r in ours) / 1024:.0f} MiB | \
+{max(r["max_rss_kib"] for r in base) / 1024:.0f} MiB (largest of skopeo, tar) |
+| proxy CPU, worst pull | {cpu(ours)} | {cpu(base)} |
+
+Ratio ours/baseline: **{ratio:.2f}** (goal <= {LINK_GOAL}: {"met" if ratio <= LINK_GOAL else "**not met**"}).
+{floors}Ours downloads its layers one after another; `skopeo copy` fetches them in parallel, each on its
+own connection, then `tar` unpacks them one by one. Both first try HTTPS on the loopback host (a
+connection and a round trip) before plain HTTP.
+"""
 
 
 def _default_workdir() -> str | None:
@@ -322,6 +391,11 @@ def main(argv: list[str] | None = None) -> int:
         help="where the registry storage and the unpacked trees go (default: /dev/shm when it has room, "
         "since file-creation latency on this VM's shared disk varies 20x with other tenants' fsyncs)",
     )
+    parser.add_argument(
+        "--via-proxy",
+        metavar="RTT_MS:RATE_MBPS",
+        help="pull through bench.netproxy: this round trip, this cap (MB/s) per connection, e.g. 40:25",
+    )
     parser.add_argument("--child", nargs=2, metavar=("REF", "DEST"), help=argparse.SUPPRESS)
     parser.add_argument("--child-baseline", nargs=2, metavar=("REF", "WORKDIR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -339,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         if not tool or not os.path.exists(tool):
             print(f"missing tool: {tool}", file=sys.stderr)
             return 2
+    link = args.via_proxy
     base_dir = args.workdir or _default_workdir()
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-pull-", dir=base_dir) as tmp:
@@ -347,22 +422,32 @@ def main(argv: list[str] | None = None) -> int:
         try:
             print(f"registry on {server.host}; building a {args.size_mib} MiB image", flush=True)
             started = time.perf_counter()
-            ref, compressed, plain, files = build_and_push(server.host, workdir, args.size_mib)
+            ref, layer_sizes, plain, files = build_and_push(server.host, workdir, args.size_mib)
+            compressed = sum(layer_sizes)
             print(f"  pushed in {time.perf_counter() - started:.1f}s", flush=True)
             ours: list[dict[str, float]] = []
             base: list[dict[str, float]] = []
-            for round_no in range(args.rounds):
-                base.append(run_baseline(ref, workdir))
-                dest = workdir / "staging" / "backend"
-                dest.parent.mkdir(exist_ok=True)
-                ours.append(run_ours(ref, dest))
-                stray = [p.name for p in dest.parent.iterdir() if p != dest]
-                ours[-1]["stray_entries"] = len(stray)
-                shutil.rmtree(dest.parent)
-                print(
-                    f"  round {round_no + 1}: ours {ours[-1]['wall']:.2f}s, baseline {base[-1]['wall']:.2f}s",
-                    flush=True,
-                )
+            with optional_link(server.host, link) as proxy:
+                if proxy is not None:
+                    ref = ref.replace(server.host, proxy.host, 1)
+                    print(f"  through the link {link} on {proxy.host}", flush=True)
+                for round_no in range(args.rounds):
+                    with link_usage(proxy) as usage:
+                        base.append(run_baseline(ref, workdir))
+                    base[-1].update(usage)
+                    dest = workdir / "staging" / "backend"
+                    dest.parent.mkdir(exist_ok=True)
+                    with link_usage(proxy) as usage:
+                        ours.append(run_ours(ref, dest))
+                    ours[-1].update(usage)
+                    stray = [p.name for p in dest.parent.iterdir() if p != dest]
+                    ours[-1]["stray_entries"] = len(stray)
+                    shutil.rmtree(dest.parent)
+                    print(
+                        f"  round {round_no + 1}: ours {ours[-1]['wall']:.2f}s, "
+                        f"baseline {base[-1]['wall']:.2f}s",
+                        flush=True,
+                    )
         finally:
             server.stop()
 
@@ -381,7 +466,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{ours_extra_mib:.1f} MiB ({worst['wchar'] / MiB:.1f} MiB written for a "
         f"{worst['size_on_disk'] / MiB:.1f} MiB tree)"
     )
-    section = f"""## Pull, verify and unpack
+    if link:
+        section = link_section(args, link, ours, base, plain, files, layer_sizes, load_before, base_dir)
+    else:
+        section = f"""## Pull, verify and unpack
 
 `python -m bench.bench_pull` ({time.strftime("%Y-%m-%d")}, {os.cpu_count()} cores, registry on loopback,
 best of {args.rounds} alternating rounds, trees written under `{base_dir or tempfile.gettempdir()}`,
@@ -410,8 +498,7 @@ Files left beside the staging directory after our pull: {max(r["stray_entries"] 
     print()
     print(section)
     if not args.no_docs:
-        write_docs(section)
-        print(f"written to {DOCS.relative_to(ROOT)}")
+        write_section(LINK_BEGIN, LINK_END, section) if link else write_section(BEGIN, END, section)
     return 0
 
 

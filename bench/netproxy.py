@@ -43,6 +43,7 @@ import asyncio
 import collections
 import contextlib
 import fcntl
+import json
 import os
 import signal
 import socket
@@ -53,6 +54,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 
 MB = 1_000_000
@@ -254,10 +256,9 @@ class _Connection:
         self.client: asyncio.Transport | None = None
         self.upstream: asyncio.Transport | None = None
         self.closing = False
-        self.request_tail = b""
-        self.header_from: int | None = None  # armed response cut: where the response starts
+        self.request_tail = b""  # the end of the previous chunk, for a pattern split across two
+        self.body_cut: int | None = None  # armed response cut, waiting for the end of the headers
         self.header_tail = b""
-        self.body_cut: int | None = None
         self.rule: Cut | None = None  # the cut armed on this connection
 
     # -- events -------------------------------------------------------------------------------
@@ -301,20 +302,18 @@ class _Connection:
                 # The client does not pipeline: every earlier response has been read from the
                 # server, so the next byte from the server starts this request's response.
                 self.rule = rule
-                self.header_from = self.down.received
-                self.header_tail = b""
                 self.body_cut = rule.after
             self.request_tail = window[-self.proxy.longest_request :]
         self.up.feed(data)
 
     def from_upstream(self, data: bytes) -> None:
-        if self.header_from is not None and self.body_cut is not None:
+        if self.body_cut is not None:
             window = self.header_tail + data
             end = window.find(b"\r\n\r\n")
             if end >= 0:
-                start = self.down.received - len(self.header_tail)
+                start = self.down.received - len(self.header_tail)  # stream offset of window[0]
                 self.down.cut_at = start + end + 4 + self.body_cut
-                self.header_from = self.body_cut = None
+                self.body_cut = None
             else:
                 self.header_tail = window[-3:]
         self.down.feed(data)
@@ -378,8 +377,14 @@ class _Connection:
 
         reset_when_sent()
 
+    def shutdown(self) -> None:
+        """The proxy stops: reset the connection whatever it was doing (even waiting to cut)."""
+        self.closing = True
+        self._reset()
+
     def finished(self) -> None:
-        self.stats.closed = time.monotonic()
+        if self.stats.closed is None:
+            self.stats.closed = time.monotonic()
         self.proxy.live.discard(self)
 
 
@@ -538,7 +543,7 @@ class NetProxy:
         finally:
             server.close()
             for conn in list(state.live):
-                conn.reset()
+                conn.shutdown()
             await server.wait_closed()
 
     def _run(self) -> None:
@@ -601,6 +606,17 @@ class ProxyProcess:
     def pid(self) -> int:
         assert self.process is not None
         return self.process.pid
+
+    def stats(self) -> dict[str, int]:
+        """Totals so far: connections, bytes_down, bytes_up, cut (the process prints them on SIGUSR1)."""
+        assert self.process is not None and self.process.stdout is not None
+        self.process.send_signal(signal.SIGUSR1)
+        return dict(json.loads(self.process.stdout.readline()))
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the proxy process has used, from /proc."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def start(self) -> ProxyProcess:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -684,11 +700,21 @@ def main(argv: list[str] | None = None) -> int:
         proxy.cut(args.cut_after, args.cut_request, args.cut_connection, args.cut_times or None)
     started = threading.Event()
 
+    def totals() -> dict[str, int]:
+        stats = proxy.connections
+        return {
+            "connections": len(stats),
+            "bytes_down": sum(s.bytes_down for s in stats),
+            "bytes_up": sum(s.bytes_up for s in stats),
+            "cut": sum(s.cut for s in stats),
+        }
+
     async def run() -> None:
         loop = asyncio.get_running_loop()
         serving = loop.create_task(proxy.serve(started))
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, serving.cancel)
+        loop.add_signal_handler(signal.SIGUSR1, lambda: print(json.dumps(totals()), flush=True))
         while not started.is_set() and not serving.done():
             await asyncio.sleep(0.01)
         if started.is_set():
@@ -697,12 +723,7 @@ def main(argv: list[str] | None = None) -> int:
             await serving
 
     asyncio.run(run())
-    stats = proxy.connections
-    print(
-        f"{len(stats)} connections, {sum(s.bytes_down for s in stats)} bytes down, "
-        f"{sum(s.bytes_up for s in stats)} up, {sum(s.cut for s in stats)} cut",
-        file=sys.stderr,
-    )
+    print(json.dumps(totals()), file=sys.stderr)
     return 0
 
 

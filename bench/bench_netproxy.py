@@ -239,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
 | proxy CPU over the downloads | | {cpu:.2f} s = {cpu / wall * 100:.0f} % of one core |
 | proxy peak RSS | | {rss:.0f} MiB |
 
-Each direction holds at most 4 MiB, so the proxy's memory does not grow with the transfer.
+Each direction holds at most 4 MiB, so the proxy's memory does not grow with the transfer. The event
+loop's timers wake up to 1 ms late (epoll counts milliseconds), so an exchange costs the round trip
+plus 1-3 ms on a busy machine, never less.
 """
     print(section)
     if not args.no_docs:

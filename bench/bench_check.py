@@ -20,6 +20,11 @@ CPU time is measured for our process and for the registry (``/proc``): on a 2-co
 registry and the client share the same two CPUs, and that bounds any speed-up. The requests each
 approach made are counted on the registry side, from its Prometheus request counters. Results
 replace the section between ``<!-- bench:check -->`` markers in docs/benchmarks.md.
+
+``--via-proxy RTT_MS[:RATE_MBPS]`` (for instance ``40:25``) puts every approach behind
+``bench.netproxy`` (its own process), so each request costs that round trip as with a distant
+registry; then the waiting, not the CPU, bounds a check. Those results go between
+``<!-- bench:check-link -->`` markers.
 """
 
 from __future__ import annotations
@@ -38,8 +43,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.netproxy import ProxyProcess, parse_link
+from bench.report import write_section
+
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench:check -->", "<!-- /bench:check -->"
 PLATFORM = "linux/amd64"
 ACCEPT = ", ".join(
@@ -51,6 +58,8 @@ ACCEPT = ", ".join(
     )
 )
 GOAL_SKOPEO, GOAL_HEAD_LOOP = 20.0, 3.0
+LINK_BEGIN, LINK_END = "<!-- bench:check-link -->", "<!-- /bench:check-link -->"
+LINK_GOAL_SKOPEO, LINK_GOAL_HEAD_LOOP = 50.0, 12.0  # through the link, where waiting dominates
 
 
 def setup_django(workdir: Path) -> None:
@@ -137,7 +146,7 @@ class RegistryCounts:
 
 def push_tags(server: Any, count: int) -> tuple[str, list[tuple[str, str]]]:
     """One small image per tag in one repository; returns (repository, [(tag, digest)])."""
-    from backends_app.oci.publish import publish_files
+    from backends_app.oci.publish import FileSpec, publish_files
 
     repo = "bench/backends"
     tags = []
@@ -145,7 +154,7 @@ def push_tags(server: Any, count: int) -> tuple[str, list[tuple[str, str]]]:
         for i in range(count):
             tag = f"latest-backend-{i:04d}"
             ref = f"{server.host}/{repo}:{tag}"
-            files: dict[str, str | tuple[str, int]] = {
+            files: dict[str, FileSpec] = {
                 "run.sh": ("#!/bin/sh\necho ok\n", 0o755),
                 "build.txt": f"backend {i}",
             }
@@ -253,17 +262,62 @@ def _floor(cpu: dict[str, list[float]], count: int, cpus: int) -> float:
     return total / cpus / count * 1000
 
 
-def write_docs(section: str) -> None:
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}"
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        _, _, tail = rest.partition(END)
-        text = head + block + tail
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    DOCS.write_text(text)
+def link_section(
+    via: str,
+    concurrency: int,
+    tags: list[str],
+    ours: list[float],
+    loop: list[float],
+    ceiling: list[float],
+    skopeo: tuple[float, int],
+    counts: tuple[dict[str, int], dict[str, int], dict[str, int]],
+    link: dict[str, list[float]],
+    load: tuple[float, float],
+    rounds: int,
+) -> str:
+    """The results through the emulated link: every approach waits a round trip per request."""
+    rtt_ms, rate_mbps = parse_link(via)
+    n = len(tags)
+    ours_s, loop_s, ceiling_s = statistics.median(ours), statistics.median(loop), statistics.median(ceiling)
+    skopeo_seconds, sampled = skopeo
+    skopeo_total = skopeo_seconds / sampled * n
+    vs_skopeo, vs_loop = skopeo_total / ours_s, loop_s / ours_s
+    ours_counts, loop_counts, skopeo_counts = counts
+    gets = ours_counts.get("GET", 0)
+    floor = -(-n // concurrency) * rtt_ms / 1000
+    rate = f", {rate_mbps:g} MB/s" if rate_mbps else ""
+    return f"""\
+### Upgrade check: {n} installed backends, nothing changed (`bench/bench_check.py --via-proxy {via}`)
+
+`python -m bench.bench_check --backends {n} --rounds {rounds} --via-proxy {via}` \
+({time.strftime("%Y-%m-%d")}, {os.cpu_count()} CPU(s)): every approach reaches the loopback \
+`docker-registry` through `bench.netproxy` (its own process) at {rtt_ms:g} ms round trip{rate} per connection;
+concurrency `PORTAL_REGISTRY_CONCURRENCY={concurrency}`; medians of {rounds} alternating rounds after an \
+untimed warm-up; load average {load[0]:.1f} before, {load[1]:.1f} after.
+
+| approach | time for {n} tags | per tag | registry saw | ours is |
+| --- | ---: | ---: | --- | ---: |
+| ours: `detection.find_upgrades()` end to end, a fresh client each round | {ours_s:.2f} s | \
+{ours_s / n * 1000:.1f} ms | {_fmt_counts(ours_counts)} | |
+| (a) `skopeo inspect` per tag (timed on {sampled} tags, extrapolated) | {skopeo_total:.1f} s | \
+{skopeo_seconds / sampled * 1000:.0f} ms | {_fmt_counts(skopeo_counts)} for {sampled} tags | \
+**{vs_skopeo:.1f}x** faster (goal {LINK_GOAL_SKOPEO:.0f}x: {_met(vs_skopeo >= LINK_GOAL_SKOPEO)}) |
+| (b) sequential HEAD loop, one `requests` session | {loop_s:.2f} s | {loop_s / n * 1000:.1f} ms | \
+{_fmt_counts(loop_counts)} | **{vs_loop:.1f}x** faster (goal {LINK_GOAL_HEAD_LOOP:.0f}x: \
+{_met(vs_loop >= LINK_GOAL_HEAD_LOOP)}) |
+| (c) bare `urllib3` HEADs on {concurrency} threads, one pool | {ceiling_s:.2f} s | \
+{ceiling_s / n * 1000:.1f} ms | {n} HEAD | {ceiling_s / ours_s:.2f}x |
+
+Rounds, ours: {", ".join(f"{s:.2f}" for s in ours)} s; HEAD loop: {", ".join(f"{s:.2f}" for s in loop)} s.
+Connections ours opened per check: {", ".join(f"{c:.0f}" for c in link["connections"])}; proxy CPU per \
+check: {max(link["proxy_cpu"]):.2f} s at most. Zero manifest GETs when nothing changed: {gets} GET, \
+{_met(gets == 0)}.
+
+Waiting, not CPU, bounds a check here: with {concurrency} requests in flight and one round trip each, \
+{n} HEADs cannot take less than {floor:.2f} s, before the connections' own handshakes; \
+a sequential loop pays one round trip per tag ({n * rtt_ms / 1000:.1f} s), `skopeo inspect` a new \
+process, connection and several requests per tag.
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,12 +326,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7, help="rounds of ours and of the HEAD loop")
     parser.add_argument("--skopeo-sample", type=int, default=50, help="tags inspected with skopeo")
     parser.add_argument("--no-docs", action="store_true", help="print only; leave docs/benchmarks.md")
+    parser.add_argument(
+        "--via-proxy",
+        metavar="RTT_MS[:RATE_MBPS]",
+        help="check through bench.netproxy: this round trip (and cap per connection), e.g. 40:25",
+    )
     args = parser.parse_args(argv)
     if not shutil.which("skopeo"):
         raise SystemExit("skopeo is missing (apt-get install skopeo)")
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-check-"))
     server = None
+    proxy: ProxyProcess | None = None
     try:
         setup_django(workdir)
         from django.conf import settings
@@ -286,13 +346,19 @@ def main(argv: list[str] | None = None) -> int:
         log = RegistryCounts(server.metrics_url)
         print(f"pushing {args.backends} tags to {server.host} ...", flush=True)
         repo, tagged = push_tags(server, args.backends)
-        record_installed(server.host, repo, tagged)
+        host = server.host
+        if args.via_proxy:
+            rtt_ms, rate_mbps = parse_link(args.via_proxy)
+            proxy = ProxyProcess(server.host, rtt_ms, rate_mbps).start()
+            host = proxy.host
+            print(f"through the link {args.via_proxy} on {host}", flush=True)
+        record_installed(host, repo, tagged)
         tags = [tag for tag, _ in tagged]
 
         # Warm-up, untimed: the first check records every tag's digest (a steady-state periodic
         # check only stamps the time), and both sides get their imports and first connection.
         run_ours()
-        run_head_loop(server.host, repo, tags[:10])
+        run_head_loop(host, repo, tags[:10])
         ours, loop, ceiling = [], [], []
         ours_counts: dict[str, int] = {}
         loop_counts: dict[str, int] = {}
@@ -305,12 +371,17 @@ def main(argv: list[str] | None = None) -> int:
         }
         registry_pid = server._process.pid
         load_before = os.getloadavg()[0]
+        link: dict[str, list[float]] = {"connections": [], "proxy_cpu": []}
         for round_number in range(args.rounds):  # alternate, so drift hits both alike
             log.mark()
             mine, theirs = time.process_time(), process_cpu(registry_pid)
+            link_before = (proxy.stats()["connections"], proxy.cpu_seconds()) if proxy else (0, 0.0)
             seconds, report = run_ours()
             cpu["ours"].append(time.process_time() - mine)
             cpu["ours-registry"].append(process_cpu(registry_pid) - theirs)
+            if proxy is not None:
+                link["connections"].append(proxy.stats()["connections"] - link_before[0])
+                link["proxy_cpu"].append(proxy.cpu_seconds() - link_before[1])
             counts = log.counts()
             if report.upgrades or report.errors or len(report.results) != args.backends:
                 raise SystemExit(f"unexpected check result: {report.summary()}")
@@ -318,12 +389,12 @@ def main(argv: list[str] | None = None) -> int:
             ours_counts = counts
             log.mark()
             mine, theirs = time.process_time(), process_cpu(registry_pid)
-            loop.append(run_head_loop(server.host, repo, tags))
+            loop.append(run_head_loop(host, repo, tags))
             cpu["loop"].append(time.process_time() - mine)
             cpu["loop-registry"].append(process_cpu(registry_pid) - theirs)
             loop_counts = log.counts()
             mine = time.process_time()
-            ceiling.append(run_ceiling(server.host, repo, tags, settings.PORTAL_REGISTRY_CONCURRENCY))
+            ceiling.append(run_ceiling(host, repo, tags, settings.PORTAL_REGISTRY_CONCURRENCY))
             cpu["ceiling"].append(time.process_time() - mine)
             print(
                 f"round {round_number + 1}: ours {seconds:.3f}s, HEAD loop {loop[-1]:.3f}s, "
@@ -333,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
 
         sample = tags[:: max(1, len(tags) // args.skopeo_sample)][: args.skopeo_sample]
         log.mark()
-        skopeo_seconds = run_skopeo(server.host, repo, sample)
+        skopeo_seconds = run_skopeo(host, repo, sample)
         skopeo_counts = log.counts()
         load_after = os.getloadavg()[0]
         skopeo_total = skopeo_seconds / len(sample) * len(tags)
@@ -389,12 +460,29 @@ Ours is bound by CPU, not by waiting: per tag our process spends {_ms(cpu["ours"
 of it in the registry client's `requests` calls) and the registry {_ms(cpu["ours-registry"], len(tags))}, \
 on {cpu_count} CPU(s) shared with each other; bare `urllib3` spends {_ms(cpu["ceiling"], len(tags))} a HEAD.
 """
+        if args.via_proxy:
+            ok = vs_skopeo >= LINK_GOAL_SKOPEO and vs_loop >= LINK_GOAL_HEAD_LOOP and gets == 0
+            section = link_section(
+                args.via_proxy,
+                settings.PORTAL_REGISTRY_CONCURRENCY,
+                tags,
+                ours,
+                loop,
+                ceiling,
+                (skopeo_seconds, len(sample)),
+                (ours_counts, loop_counts, skopeo_counts),
+                link,
+                (load_before, load_after),
+                args.rounds,
+            )
         print(section)
         if not args.no_docs:
-            write_docs(section)
-            print(f"written to {DOCS.relative_to(ROOT)}")
+            begin, end = (LINK_BEGIN, LINK_END) if args.via_proxy else (BEGIN, END)
+            write_section(begin, end, section)
         return 0 if ok else 1
     finally:
+        if proxy is not None:
+            proxy.stop()
         if server is not None:
             server.stop()
         shutil.rmtree(workdir, ignore_errors=True)

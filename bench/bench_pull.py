@@ -13,11 +13,16 @@ pushes it with our publisher, then times, alternately and ``--rounds`` times eac
 Disk: ours writes nothing but the final tree (bytes written by the child, from /proc/self/io,
 minus the tree's size); the baseline keeps the compressed layers on disk until unpacked.
 The results replace the section between ``<!-- bench:pull -->`` markers in docs/benchmarks.md.
+
+``--via-proxy RTT_MS:RATE_MBPS`` (for instance ``40:25``) puts both sides behind ``bench.netproxy``
+(its own process): every exchange costs that round trip and each connection is capped at that many
+MB/s, as pulling from a distant registry is. Those results go between ``<!-- bench:pull-link -->``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -29,12 +34,16 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from bench.netproxy import MB, ProxyProcess, optional_link, parse_link
+from bench.report import write_section
+
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench:pull -->", "<!-- /bench:pull -->"
+LINK_BEGIN, LINK_END = "<!-- bench:pull-link -->", "<!-- /bench:pull-link -->"
+LINK_GOAL = 0.6  # ours / (skopeo + tar) through the link
 MiB = 1024 * 1024
 MTIME = 1_700_000_000
 
@@ -131,8 +140,8 @@ def data_layer(budget: int) -> Iterator[tuple[tarfile.TarInfo, bytes | None]]:
     yield _info("run.sh", 24, 0o755), b"#!/bin/sh\nexec ./bin/x\n\n"[:24]
 
 
-def build_and_push(registry_host: str, workdir: Path, size_mib: int) -> tuple[str, int, int, int]:
-    """Build the four layers into files, push the image; return (ref, compressed, plain, files)."""
+def build_and_push(registry_host: str, workdir: Path, size_mib: int) -> tuple[str, list[int], int, int]:
+    """Build the four layers into files, push the image; return (ref, compressed sizes, plain, files)."""
     from backends_app.oci import RegistryClient, RegistryConfig
     from backends_app.oci.publish import LayerBlob, push_image, write_layer
 
@@ -168,11 +177,10 @@ def build_and_push(registry_host: str, workdir: Path, size_mib: int) -> tuple[st
     ref = f"{registry_host}/bench/pull:v1"
     with RegistryClient(RegistryConfig(timeout=(5, 120))) as client:
         push_image(client, ref, {"linux/amd64": layers}, version="1.0.0")
-    compressed = sum(layer.size for layer in layers)
     for layer in layers:
         assert layer.path is not None
         layer.path.unlink()
-    return ref, compressed, plain, files
+    return ref, [layer.size for layer in layers], plain, files
 
 
 # -- measurements --------------------------------------------------------------------------------
@@ -220,11 +228,11 @@ def child_pull(ref: str, dest: str) -> None:
     )
 
 
-def run_child(flag: str, ref: str, path: Path) -> dict[str, float]:
+def run_child(flag: str, ref: str, path: Path, *extra: str) -> dict[str, float]:
     """Run one side in a child process (`--child` or `--child-baseline`); its JSON line plus wall time."""
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.bench_pull", flag, ref, str(path)],
+        [sys.executable, "-m", "bench.bench_pull", flag, ref, str(path), *extra],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -244,23 +252,32 @@ def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def child_baseline(ref: str, workdir: str) -> None:
+def child_baseline(ref: str, workdir: str, layout: str = "dir") -> None:
     """Runs in a child process: skopeo copy + tar -xf per layer; prints a JSON line.
 
+    ``layout``: ``dir`` copies into a ``dir:`` directory, which skopeo fills one layer after
+    another; ``oci`` into an ``oci:`` layout, which it fills with every layer downloading at once.
     The peak RSS is the largest of skopeo's and tar's (RUSAGE_CHILDREN of this wrapper).
     """
     copy_dir = Path(workdir) / "skopeo-dir"
     root = Path(workdir) / "skopeo-root"
+    destination = f"oci:{copy_dir}:bench" if layout == "oci" else f"dir:{copy_dir}"
     start = time.perf_counter()
     subprocess.run(
-        ["skopeo", "copy", "--quiet", "--src-tls-verify=false", f"docker://{ref}", f"dir:{copy_dir}"],
+        ["skopeo", "copy", "--quiet", "--src-tls-verify=false", f"docker://{ref}", destination],
         check=True,
     )
     copied = time.perf_counter() - start
-    manifest = json.loads((copy_dir / "manifest.json").read_text())
+    if layout == "oci":
+        blobs = copy_dir / "blobs" / "sha256"
+        index = json.loads((copy_dir / "index.json").read_text())
+        manifest = json.loads((blobs / index["manifests"][0]["digest"].split(":", 1)[1]).read_text())
+    else:
+        blobs = copy_dir
+        manifest = json.loads((copy_dir / "manifest.json").read_text())
     root.mkdir()
     for layer in manifest["layers"]:
-        blob = copy_dir / layer["digest"].split(":", 1)[1]
+        blob = blobs / layer["digest"].split(":", 1)[1]
         subprocess.run(["tar", "-xf", str(blob), "-C", str(root)], check=True)
     seconds = time.perf_counter() - start
     extra = _dir_size(copy_dir)
@@ -276,31 +293,123 @@ def child_baseline(ref: str, workdir: str) -> None:
     )
 
 
-def run_baseline(ref: str, workdir: Path) -> dict[str, float]:
-    data = run_child("--child-baseline", ref, workdir)
+def run_baseline(ref: str, workdir: Path, layout: str = "dir") -> dict[str, float]:
+    data = run_child("--child-baseline", ref, workdir, layout)
     shutil.rmtree(workdir / "skopeo-dir")
     shutil.rmtree(workdir / "skopeo-root")
     return data
 
 
+@contextlib.contextmanager
+def link_usage(proxy: ProxyProcess | None) -> Iterator[dict[str, float]]:
+    """What one side cost the link: connections opened, bytes delivered, the proxy's CPU seconds."""
+    usage: dict[str, float] = {}
+    if proxy is None:
+        yield usage
+        return
+    before, cpu = proxy.stats(), proxy.cpu_seconds()
+    yield usage
+    after = proxy.stats()
+    usage["connections"] = after["connections"] - before["connections"]
+    usage["bytes_down"] = after["bytes_down"] - before["bytes_down"]
+    usage["proxy_cpu"] = proxy.cpu_seconds() - cpu
+
+
 # -- report --------------------------------------------------------------------------------------
 
 
-def write_docs(section: str) -> None:
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    text = (
-        DOCS.read_text()
-        if DOCS.exists()
-        else "# Benchmarks\n\nNumbers measured on the project's 2-core machines.\n"
+def link_section(
+    args: argparse.Namespace,
+    link: str,
+    ours: list[dict[str, float]],
+    base: list[dict[str, float]],
+    parallel: list[dict[str, float]],
+    plain: int,
+    files: int,
+    layer_sizes: list[int],
+    load_before: float,
+    base_dir: str | None,
+) -> str:
+    """The results through the emulated link, side by side with skopeo + tar through the same link:
+    into a ``dir:`` copy (today's loopback baseline, one layer after another) and into an ``oci:``
+    layout (all layers at once), the one the goal is set against."""
+    rtt_ms, rate_mbps = parse_link(link)
+    compressed = sum(layer_sizes)
+    best_ours = min(r["wall"] for r in ours)
+    ratio_dir = best_ours / min(r["wall"] for r in base)
+    ratio = best_ours / min(r["wall"] for r in parallel)
+    rate = (rate_mbps or 0) * MB
+    sides = (ours, base, parallel)
+
+    def row(label: str, cell: Callable[[list[dict[str, float]]], str]) -> str:
+        return f"| {label} | " + " | ".join(cell(rows) for rows in sides) + " |"
+
+    def count(key: str) -> Callable[[list[dict[str, float]]], str]:
+        def cell(rows: list[dict[str, float]]) -> str:
+            low, high = min(int(r[key]) for r in rows), max(int(r[key]) for r in rows)
+            return str(low) if low == high else f"{low}-{high}"
+
+        return cell
+
+    def cpu(rows: list[dict[str, float]]) -> str:
+        worst = max(rows, key=lambda r: r["proxy_cpu"] / r["wall"])
+        return f"{worst['proxy_cpu']:.2f} s ({worst['proxy_cpu'] / worst['wall'] * 100:.0f} % of a core)"
+
+    def rss(rows: list[dict[str, float]]) -> str:
+        return f"{max(r.get('vm_hwm_kib', r.get('max_rss_kib', 0)) for r in rows) / 1024:.0f} MiB"
+
+    table = "\n".join(
+        [
+            "| | ours (`RegistryClient.pull`) | `skopeo copy` to `dir:` + `tar -xf` "
+            "| `skopeo copy` to `oci:` + `tar -xf` |",
+            "|---|---|---|---|",
+            row("wall time, best", lambda rows: f"{min(r['wall'] for r in rows):.2f} s"),
+            row("wall time, median", lambda rows: f"{statistics.median(r['wall'] for r in rows):.2f} s"),
+            row(
+                "of which `skopeo copy` (download, verify), best",
+                lambda rows: f"{min(r['copy'] for r in rows):.2f} s" if "copy" in rows[0] else "",
+            ),
+            row(
+                "ours / this, best",
+                lambda rows: "" if rows is ours else f"**{best_ours / min(r['wall'] for r in rows):.2f}**",
+            ),
+            row("connections opened per pull", count("connections")),
+            row(
+                "MB received through the link per pull",
+                lambda rows: f"{max(r['bytes_down'] for r in rows) / MB:.0f}",
+            ),
+            row("peak RSS (skopeo, tar: the larger)", rss),
+            row("proxy CPU, worst pull", cpu),
+        ]
     )
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}"
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        _, _, tail = rest.partition(END)
-        text = head + block + tail
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    DOCS.write_text(text)
+    floors = ""
+    if rate:
+        floors = (
+            f"At {rate_mbps:g} MB/s per connection, the compressed bytes take {compressed / rate:.1f} s "
+            f"on one connection at a time, and {max(layer_sizes) / rate:.1f} s (the largest layer) with "
+            "every layer on its own connection at once.\n"
+        )
+    return f"""### Pull, verify and unpack (`bench/bench_pull.py --via-proxy {link}`)
+
+`python -m bench.bench_pull --size-mib {args.size_mib} --via-proxy {link}` ({time.strftime("%Y-%m-%d")}, \
+{os.cpu_count()} cores): every side pulls from the loopback registry through `bench.netproxy` (its own
+process) at {rtt_ms:g} ms round trip and {rate_mbps or 0:g} MB/s per connection; best of {args.rounds} \
+alternating rounds, trees written under `{base_dir or tempfile.gettempdir()}`, load average \
+{load_before:.1f} when it started.
+
+Image: {plain / MiB:.0f} MiB in {files} files over 4 gzip layers ({compressed / MiB:.0f} MiB compressed: \
+{", ".join(f"{size / MiB:.0f}" for size in layer_sizes)} MiB).
+
+{table}
+
+Ratio ours / (skopeo to `oci:` + tar): **{ratio:.2f}** (goal <= {LINK_GOAL}: \
+{"met" if ratio <= LINK_GOAL else "**not met**"}); against skopeo to `dir:` + tar (the loopback \
+benchmark's baseline): {ratio_dir:.2f}.
+{floors}Ours downloads its layers one after another. `skopeo copy` into a `dir:` copy does too (a new
+connection per layer), into an `oci:` layout it downloads every layer at once, each on its own
+connection; `tar` then unpacks them one by one. Every side first tries HTTPS on the loopback host (a
+connection and a round trip) before plain HTTP.
+"""
 
 
 def _default_workdir() -> str | None:
@@ -322,8 +431,13 @@ def main(argv: list[str] | None = None) -> int:
         help="where the registry storage and the unpacked trees go (default: /dev/shm when it has room, "
         "since file-creation latency on this VM's shared disk varies 20x with other tenants' fsyncs)",
     )
+    parser.add_argument(
+        "--via-proxy",
+        metavar="RTT_MS:RATE_MBPS",
+        help="pull through bench.netproxy: this round trip, this cap (MB/s) per connection, e.g. 40:25",
+    )
     parser.add_argument("--child", nargs=2, metavar=("REF", "DEST"), help=argparse.SUPPRESS)
-    parser.add_argument("--child-baseline", nargs=2, metavar=("REF", "WORKDIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-baseline", nargs="+", metavar="REF WORKDIR [LAYOUT]", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child_pull(*args.child)
@@ -339,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         if not tool or not os.path.exists(tool):
             print(f"missing tool: {tool}", file=sys.stderr)
             return 2
+    link = args.via_proxy
     base_dir = args.workdir or _default_workdir()
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-pull-", dir=base_dir) as tmp:
@@ -347,22 +462,37 @@ def main(argv: list[str] | None = None) -> int:
         try:
             print(f"registry on {server.host}; building a {args.size_mib} MiB image", flush=True)
             started = time.perf_counter()
-            ref, compressed, plain, files = build_and_push(server.host, workdir, args.size_mib)
+            ref, layer_sizes, plain, files = build_and_push(server.host, workdir, args.size_mib)
+            compressed = sum(layer_sizes)
             print(f"  pushed in {time.perf_counter() - started:.1f}s", flush=True)
             ours: list[dict[str, float]] = []
             base: list[dict[str, float]] = []
-            for round_no in range(args.rounds):
-                base.append(run_baseline(ref, workdir))
-                dest = workdir / "staging" / "backend"
-                dest.parent.mkdir(exist_ok=True)
-                ours.append(run_ours(ref, dest))
-                stray = [p.name for p in dest.parent.iterdir() if p != dest]
-                ours[-1]["stray_entries"] = len(stray)
-                shutil.rmtree(dest.parent)
-                print(
-                    f"  round {round_no + 1}: ours {ours[-1]['wall']:.2f}s, baseline {base[-1]['wall']:.2f}s",
-                    flush=True,
-                )
+            parallel: list[dict[str, float]] = []
+            with optional_link(server.host, link) as proxy:
+                if proxy is not None:
+                    ref = ref.replace(server.host, proxy.host, 1)
+                    print(f"  through the link {link} on {proxy.host}", flush=True)
+                for round_no in range(args.rounds):
+                    with link_usage(proxy) as usage:
+                        base.append(run_baseline(ref, workdir))
+                    base[-1].update(usage)
+                    if proxy is not None:  # through a link, also the baseline that downloads in parallel
+                        with link_usage(proxy) as usage:
+                            parallel.append(run_baseline(ref, workdir, "oci"))
+                        parallel[-1].update(usage)
+                    dest = workdir / "staging" / "backend"
+                    dest.parent.mkdir(exist_ok=True)
+                    with link_usage(proxy) as usage:
+                        ours.append(run_ours(ref, dest))
+                    ours[-1].update(usage)
+                    stray = [p.name for p in dest.parent.iterdir() if p != dest]
+                    ours[-1]["stray_entries"] = len(stray)
+                    shutil.rmtree(dest.parent)
+                    print(
+                        f"  round {round_no + 1}: ours {ours[-1]['wall']:.2f}s, "
+                        f"baseline {base[-1]['wall']:.2f}s",
+                        flush=True,
+                    )
         finally:
             server.stop()
 
@@ -381,7 +511,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{ours_extra_mib:.1f} MiB ({worst['wchar'] / MiB:.1f} MiB written for a "
         f"{worst['size_on_disk'] / MiB:.1f} MiB tree)"
     )
-    section = f"""## Pull, verify and unpack
+    if link:
+        section = link_section(
+            args, link, ours, base, parallel, plain, files, layer_sizes, load_before, base_dir
+        )
+    else:
+        section = f"""## Pull, verify and unpack
 
 `python -m bench.bench_pull` ({time.strftime("%Y-%m-%d")}, {os.cpu_count()} cores, registry on loopback,
 best of {args.rounds} alternating rounds, trees written under `{base_dir or tempfile.gettempdir()}`,
@@ -410,8 +545,7 @@ Files left beside the staging directory after our pull: {max(r["stray_entries"] 
     print()
     print(section)
     if not args.no_docs:
-        write_docs(section)
-        print(f"written to {DOCS.relative_to(ROOT)}")
+        write_section(LINK_BEGIN, LINK_END, section) if link else write_section(BEGIN, END, section)
     return 0
 
 

@@ -149,7 +149,7 @@ class BackendAdmin(OperateMixin):
         "gallery",
         "installed_versions",
         "available",
-        "upgrade",
+        "state",
         "pinned",
         "last_checked_at",
         "gone",
@@ -227,11 +227,10 @@ class BackendAdmin(OperateMixin):
     def available(self, backend: Backend) -> str:
         return backend.available_version or backend.latest_digest.removeprefix("sha256:")[:12] or "-"
 
-    @admin.display(description="upgrade", ordering="upgrade_available")
-    def upgrade(self, backend: Backend) -> str:
-        if not backend.upgrade_available:
-            return "-"
-        return format_html("<strong>⬆ yes</strong> <small>{}</small>", backend.upgrade_reason)
+    @admin.display(description="status", ordering="upgrade_available")
+    def state(self, backend: Backend) -> str:
+        status = backend.status
+        return format_html("<strong>{}</strong> <small>{}</small>", status.label, status.detail)
 
     # --- actions: each calls the model verb and says what happened -----------------------------
 

@@ -275,6 +275,33 @@ class BackendManager(models.Manager.from_queryset(BackendQuerySet)):  # type: ig
             self.bulk_update(changed, ["resolves_to"], batch_size=500)
 
 
+class BackendState(models.TextChoices):
+    """What an operator needs to know first about a backend; `Backend.status` decides it."""
+
+    NOT_INSTALLED = "not_installed", "not installed"
+    HELD = "held", "held"
+    PINNED = "pinned", "pinned"
+    UPGRADE_AVAILABLE = "upgrade_available", "upgrade available"
+    ERROR = "error", "check failed"
+    NOT_CHECKED = "not_checked", "not checked yet"
+    UP_TO_DATE = "up_to_date", "up to date"
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """A backend's state with its reason, as every page, the admin, the API and the commands say it."""
+
+    state: str
+    detail: str = ""
+
+    @property
+    def label(self) -> str:
+        return BackendState(self.state).label
+
+    def __str__(self) -> str:
+        return f"{self.label}: {self.detail}" if self.detail else self.label
+
+
 class Backend(models.Model):
     """One entry of a gallery index: a concrete backend (an OCI image) or a meta backend."""
 
@@ -355,6 +382,33 @@ class Backend(models.Model):
 
     def __str__(self) -> str:
         return self.name if not self.occurrence else f"{self.name} (duplicate {self.occurrence})"
+
+    @property
+    def status(self) -> BackendStatus:
+        """The one answer to "what state is this backend in?", first match wins:
+
+        not installed; held (a target that failed, or was rolled back from, and is still what the
+        registry offers); pinned (never upgraded automatically; says what is available); upgrade
+        available (with the check's reason); error (the last check could not decide); not checked
+        yet; up to date. Uses the installed rows `with_installations` prefetches.
+        """
+        if not self.current_versions():
+            return BackendStatus(BackendState.NOT_INSTALLED, "gone from its gallery" if self.gone else "")
+        if self.held_version or self.held_digest:
+            held = self.held_version or self.held_digest.removeprefix("sha256:")[:12]
+            return BackendStatus(BackendState.HELD, f"{held}: {self.held_reason or 'marked bad'}")
+        if self.pinned:
+            offered = self.upgrade_reason.removeprefix("pinned: ") if self.upgrade_reason else ""
+            return BackendStatus(
+                BackendState.PINNED, f"not upgraded automatically; {offered or 'nothing newer known'}"
+            )
+        if self.upgrade_available:
+            return BackendStatus(BackendState.UPGRADE_AVAILABLE, self.upgrade_reason)
+        if self.last_error:
+            return BackendStatus(BackendState.ERROR, self.last_error)
+        if self.last_checked_at is None:
+            return BackendStatus(BackendState.NOT_CHECKED)
+        return BackendStatus(BackendState.UP_TO_DATE)
 
     @property
     def is_development(self) -> bool:

@@ -15,6 +15,7 @@ from rest_framework.reverse import reverse
 from backends_app import gallery as gallery_index
 from backends_app.models import (
     Backend,
+    BackendState,
     Gallery,
     JobKind,
     JobStatus,
@@ -76,6 +77,14 @@ class EmptyBodySerializer(JsonBodySerializer):
     """The body of a verb that takes no fields: nothing, or an empty object (LocalAI's UI sends `{}`)."""
 
 
+class BackendStatusSerializer(serializers.Serializer):
+    """A backend's state, as the pages, the admin and the commands show it."""
+
+    state = serializers.ChoiceField(choices=BackendState.choices)
+    label = serializers.CharField()  # type: ignore[assignment]  # a field named like Field.label
+    detail = serializers.CharField(help_text="Why: the check's reason, the hold's reason, the error.")
+
+
 def backend_ref(backend: Backend) -> str:
     """The name that addresses one backend whatever other galleries hold: `gallery@name`."""
     return f"{backend.gallery.name}@{backend.name}"
@@ -108,6 +117,7 @@ class BackendSerializer(serializers.ModelSerializer):
     installed = serializers.SerializerMethodField()
     drift = serializers.SerializerMethodField(help_text="The nodes that have it run different builds.")
     active_job = serializers.SerializerMethodField(help_text="Id of a queued or running job, else null.")
+    status = serializers.SerializerMethodField(help_text="What state the backend is in (`Backend.status`).")
 
     class Meta:
         model = Backend
@@ -135,6 +145,7 @@ class BackendSerializer(serializers.ModelSerializer):
             "last_checked_at",
             "last_error",
             "active_job",
+            "status",
         ]
         read_only_fields = fields
 
@@ -161,6 +172,11 @@ class BackendSerializer(serializers.ModelSerializer):
             }
             for row in backend.current_versions()
         ]
+
+    @extend_schema_field(BackendStatusSerializer())
+    def get_status(self, backend: Backend) -> dict[str, str]:
+        status = backend.status
+        return {"state": status.state, "label": status.label, "detail": status.detail}
 
     @extend_schema_field(serializers.BooleanField())
     def get_drift(self, backend: Backend) -> bool:

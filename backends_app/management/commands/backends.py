@@ -50,6 +50,8 @@ def backend_row(backend: Backend, installed: InstalledVersion | None) -> dict[st
         "pinned": backend.pinned,
         "held": bool(backend.held_version or backend.held_digest),
         "problem": installed.problem if installed else "",
+        "status": backend.status.state,
+        "status_detail": backend.status.detail,
     }
 
 
@@ -101,11 +103,12 @@ class Command(BaseCommand):
         if not rows:
             self.stdout.write("no backends installed (`backends install NAME` installs one)")
             return
-        header = ("NAME", "NODE", "VERSION", "DIGEST", "INSTALLED AT", "UPGRADE", "PINNED")
+        header = ("NAME", "NODE", "VERSION", "DIGEST", "INSTALLED AT", "STATUS", "PINNED")
         lines = [header]
         for row in rows:
             digest = (row["installed_digest"] or "").removeprefix("sha256:")[:12]
-            upgrade = f"yes: {row['reason']}" if row["upgrade_available"] else (row["reason"] or "-")
+            state = row["status"].replace("_", " ")
+            upgrade = f"{state}: {row['status_detail']}" if row["status_detail"] else state
             lines.append(
                 (
                     row["name"],
@@ -148,6 +151,8 @@ class Command(BaseCommand):
                     "pinned": False,
                     "held": False,
                     "problem": row.problem,
+                    "status": "not_in_gallery",
+                    "status_detail": "",
                 }
             )
         rows.sort(key=lambda row: (row["name"], row["node"]))

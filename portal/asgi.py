@@ -13,12 +13,14 @@ django_asgi_app = get_asgi_application()
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from django.conf import settings  # noqa: E402
 
 from backends_app import live  # noqa: E402
+from portal.body_limit import RequestBodyLimit  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        "http": RequestBodyLimit(django_asgi_app, settings.PORTAL_MAX_REQUEST_BYTES),
         # The Origin must be one of ALLOWED_HOSTS, and the session must belong to a signed-in user.
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(live.websocket_urlpatterns))),
     }

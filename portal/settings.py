@@ -191,6 +191,9 @@ else:
 
 # --- django-q2 ------------------------------------------------------------------------------
 PORTAL_TASK_TIMEOUT = env_int("PORTAL_TASK_TIMEOUT", 3600)
+# Request bodies past this are refused (413) before they are read; Django's own limit on what it
+# parses stays DATA_UPLOAD_MAX_MEMORY_SIZE (2.5 MB).
+PORTAL_MAX_REQUEST_BYTES = env_int("PORTAL_MAX_REQUEST_BYTES", 10 * 1024 * 1024)
 Q_CLUSTER = {
     "name": env_str("PORTAL_Q_CLUSTER", "portal"),
     "workers": env_int("PORTAL_WORKERS", 2),

@@ -125,7 +125,7 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # The web server and the worker are separate processes sharing one file: wait for the write
     # lock instead of failing, and start write transactions eagerly so they queue in order.
     DATABASES["default"]["OPTIONS"] = {
-        "timeout": 30,
+        "timeout": env_int("PORTAL_DB_BUSY_TIMEOUT", 30),
         "transaction_mode": "IMMEDIATE",
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
     }
@@ -254,6 +254,10 @@ PORTAL_REGISTRY_RETRIES = env_int("PORTAL_REGISTRY_RETRIES", 3)
 PORTAL_REGISTRY_CONCURRENCY = env_int("PORTAL_REGISTRY_CONCURRENCY", 8)
 PORTAL_REGISTRY_AUTH_FILE = env_str("PORTAL_REGISTRY_AUTH_FILE", os.path.expanduser("~/.docker/config.json"))
 PORTAL_GALLERY_TIMEOUT = env_int("PORTAL_GALLERY_TIMEOUT", 30)
+# `manage.py worker` and `serve`: seconds between heartbeats (a node is offline after 90 s without
+# one), and seconds a stopping process gets before its process group is killed.
+PORTAL_HEARTBEAT_INTERVAL = env_int("PORTAL_HEARTBEAT_INTERVAL", 30)
+PORTAL_SHUTDOWN_GRACE = env_int("PORTAL_SHUTDOWN_GRACE", 30)
 
 LOGGING = {
     "version": 1,

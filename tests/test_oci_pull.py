@@ -458,6 +458,66 @@ def test_a_connection_lost_mid_layer_resumes_with_a_range_request(
     assert blob_statuses == [200, 206]
 
 
+def _blob_get(method: str, path: str) -> bool:
+    return method == "GET" and "/blobs/" in path
+
+
+def test_a_layer_trickling_below_the_low_speed_limit_is_cut_off_and_resumed(
+    registry: RegistryServer, fault_proxy_factory: Callable[[str], FaultProxy], tmp_path: Path
+) -> None:
+    payload = os.urandom(400_000)
+    ref = registry.push_image({"big": payload})
+    proxy = fault_proxy_factory(registry.host)
+    # A byte every half second: never silent long enough for the read timeout to notice.
+    proxy.add(Fault(_blob_get, trickle_after=150_000, trickle_every=0.5))
+    with registry.client(speed_limit=1000, speed_time=2) as client:
+        resolved = client.resolve(_proxied(registry, proxy, ref))
+        result = client.pull(resolved, tmp_path / "out")
+    assert (result.dest / "big").read_bytes() == payload
+    assert result.bytes_downloaded == resolved.total_compressed_size
+    blob_statuses = [status for _, method, path, status in proxy.log if "/blobs/" in path]
+    assert blob_statuses == [200, 206]  # resumed where the trickle was cut off
+
+
+def test_a_registry_that_keeps_trickling_fails_the_pull_naming_the_low_speed_limit(
+    registry: RegistryServer, fault_proxy_factory: Callable[[str], FaultProxy], tmp_path: Path
+) -> None:
+    ref = registry.push_image({"big": os.urandom(400_000)})
+    proxy = fault_proxy_factory(registry.host)
+    proxy.add(Fault(_blob_get, trickle_after=1000, trickle_every=0.5, times=10))
+    started = time.monotonic()
+    with (
+        registry.client(speed_limit=1000, speed_time=1, retries=1) as client,
+        pytest.raises(RegistryUnavailable) as info,
+    ):
+        client.pull(_proxied(registry, proxy, ref), tmp_path / "out")
+    message = str(info.value)
+    assert "low-speed limit of 1000 bytes/s over 1 s" in message, message
+    assert "2 attempt(s)" in message
+    # Seconds, where the trickle would take days; generous for a loaded machine.
+    assert time.monotonic() - started < 60
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_blob_past_its_deadline_fails_the_pull_naming_the_deadline(
+    registry: RegistryServer, fault_proxy_factory: Callable[[str], FaultProxy], tmp_path: Path
+) -> None:
+    ref = registry.push_image({"big": os.urandom(400_000)})
+    proxy = fault_proxy_factory(registry.host)
+    # 2000 bytes/s: above the low-speed limit, far too slow for the deadline.
+    proxy.add(Fault(_blob_get, trickle_after=0, trickle_bytes=200, trickle_every=0.1, times=10))
+    started = time.monotonic()
+    with (
+        registry.client(speed_limit=100, speed_time=1, blob_deadline=3) as client,
+        pytest.raises(RegistryUnavailable) as info,
+    ):
+        client.pull(_proxied(registry, proxy, ref), tmp_path / "out")
+    message = str(info.value)
+    assert "per-blob deadline of 3 s" in message, message
+    assert time.monotonic() - started < 60
+    assert [status for _, method, path, status in proxy.log if "/blobs/" in path] == [200]  # not retried
+
+
 def test_mirrors_are_tried_in_order_and_the_source_is_recorded(
     registry: RegistryServer, closed_port: int, tmp_path: Path
 ) -> None:

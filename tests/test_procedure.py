@@ -338,6 +338,31 @@ def test_the_local_node_is_used_for_operations(published: Any, settings: Any) ->
     assert job.node == Node.local()
 
 
+def test_a_trickling_registry_fails_an_install_from_the_command_line_naming_the_limit(
+    published: Any, settings: Any, registry: Any, fault_proxy_factory: Any, gallery_factory: Any, capsys: Any
+) -> None:
+    from tests.registry import Fault
+
+    proxy = fault_proxy_factory(registry.host)
+    # One byte every half second, for every try: the layer would take minutes to arrive.
+    proxy.add(Fault(lambda method, path: method == "GET" and "/blobs/" in path, trickle_after=0, times=10))
+    gallery_factory([{"name": "cpu-demo", "uri": published.ref.replace(registry.host, proxy.host)}])
+    settings.PORTAL_REGISTRY_SPEED_LIMIT = 1000
+    settings.PORTAL_REGISTRY_SPEED_TIME = 1
+    settings.PORTAL_REGISTRY_RETRIES = 1
+
+    with pytest.raises(CommandError, match="did not succeed"):
+        call_command("backends", "install", "cpu-demo")
+
+    job = UpgradeJob.objects.get(kind=JobKind.INSTALL)
+    assert job.status == JobStatus.FAILED
+    assert "low-speed limit of 1000 bytes/s over 1 s" in job.error, job.error
+    assert not (Path(settings.PORTAL_BACKENDS_PATH) / "cpu-demo").exists()
+    assert [
+        p for p in Path(settings.PORTAL_STATE_PATH).rglob("*") if p.is_file() and "journal" not in p.parts
+    ] == []
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path, settings: Any) -> Any:
     """A real 4 MiB filesystem (tmpfs) holding the backends and state directories."""

@@ -402,6 +402,55 @@ def test_running_out_of_space_mid_download_is_a_clean_failure(
     assert InstalledVersion.objects.get(name="cpu-demo", state="current").digest == published.first_digest
 
 
+@pytest.mark.single_pass
+def test_a_disk_filling_up_mid_swap_leaves_its_space_free_for_the_next_install(
+    published: Any, settings: Any, small_disk: Path, monkeypatch: Any
+) -> None:
+    import errno
+    import os
+
+    from backends_app.models import JobPhase
+
+    monkeypatch.setattr(procedure, "SPACE_MARGIN", 0)  # the disk is tiny; only the estimate counts
+    assert run_op(published.backend, JobKind.INSTALL).status == JobStatus.SUCCEEDED
+    free_before = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    # 2.5 MiB of zeros: a few KiB to download, most of the disk once staged.
+    published.push("v2", extra={"lib/model.bin": b"\0" * (5 << 19)})
+    filler = small_disk / "someone-elses-file"
+
+    def fill_the_disk_when_swapping(job: UpgradeJob) -> None:
+        """Another writer on the same filesystem takes the rest of it just as the swap begins."""
+        if job.phase == JobPhase.SWAPPING and not filler.exists():
+            with filler.open("wb", buffering=0) as handle:
+                try:
+                    while True:
+                        handle.write(b"\1" * 65536)
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC
+
+    job, _ = published.backend.request(JobKind.UPGRADE, queue=False, requested_by="test")
+    job = procedure.run(job.pk, observer=fill_the_disk_when_swapping)
+
+    assert job.status == JobStatus.FAILED
+    assert "No space left on device" in job.error, job.error
+    assert live_version(settings, "cpu-demo") == "v1"
+    filler.unlink()  # the other writer frees its space; the failed upgrade must have freed its own
+    free_after = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    assert free_after >= free_before - (64 << 10), (free_before, free_after)
+    left = sorted(str(p.relative_to(small_disk)) for p in small_disk.rglob("*") if p.is_file())
+    assert [path for path in left if "/journal/" not in f"/{path}"] == [
+        "backends/cpu-demo/lib/version.txt",
+        "backends/cpu-demo/metadata.json",
+        "backends/cpu-demo/run.sh",
+    ]
+
+    # A smaller upgrade that fits the disk as it was before the failure goes through.
+    published.push("v3", extra={"lib/model.bin": b"\0" * (2 << 20)})
+    upgrade = run_op(published.backend, JobKind.UPGRADE)
+    assert upgrade.status == JobStatus.SUCCEEDED, upgrade.error
+    assert live_version(settings, "cpu-demo") == "v3"
+
+
 def test_upgrade_all_checks_first_and_dry_run_changes_nothing(
     published: Any, settings: Any, capsys: Any
 ) -> None:

@@ -50,7 +50,7 @@ from backends_app.oci import RegistryClient, RegistryConfig
 from backends_app.oci.publish import FileSpec, publish_files, publish_per_platform
 
 REGISTRY_BINARY = os.environ.get("PORTAL_REGISTRY_BINARY", "/usr/bin/docker-registry")
-STARTUP_DEADLINE = 15.0
+STARTUP_DEADLINE = 60.0
 _repo_counter = itertools.count(1)
 
 _CONFIG_TEMPLATE = """\
@@ -195,7 +195,7 @@ class RegistryServer:
             if self._process.poll() is not None:
                 raise RuntimeError(f"exited with {self._process.returncode}: {self._log_tail()}")
             try:
-                with urllib.request.urlopen(f"{self.url}/v2/", timeout=1):
+                with urllib.request.urlopen(f"{self.url}/v2/", timeout=10):
                     return
             except urllib.error.HTTPError as exc:
                 if exc.code == 401:  # an auth registry is up and asking for credentials
@@ -217,17 +217,18 @@ class RegistryServer:
             return
         process.terminate()
         try:
-            process.wait(timeout=5)
+            process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
-            process.wait(timeout=5)
+            process.wait(timeout=30)
 
     # -- helpers for tests --------------------------------------------------------------------
 
     def config(self, **overrides: Any) -> RegistryConfig:
-        """A client config for this registry: short timeouts, its credentials if any."""
+        """A client config for this registry: few retries, its credentials if any. The timeouts
+        are generous: a registry on a loaded machine may take seconds to answer."""
         values: dict[str, Any] = {
-            "timeout": (2.0, 10.0),
+            "timeout": (10.0, 60.0),
             "retries": 1,
             "backoff": 0.05,
             "max_retry_wait": 5.0,

@@ -942,13 +942,16 @@ class _TransferWatch:
             )
 
     def update(self, count: int) -> None:
-        """Account for `count` bytes just read (0 at the end); raise if a limit is passed."""
+        """Account for `count` bytes just read; raise if a limit is passed. The end of the body
+        (`count` 0) passes: a blob that is complete is not failed for its last second."""
+        if not count:
+            return
         self.received += count
         self.check_deadline(self.received)
         self.window_bytes += count
         now = time.monotonic()
         elapsed = now - self.window_start
-        if count and self.speed_limit and elapsed >= self.speed_time:
+        if self.speed_limit and elapsed >= self.speed_time:
             if self.window_bytes < self.speed_limit * elapsed:
                 raise _TooSlow(
                     f"stayed below the low-speed limit of {self.speed_limit} bytes/s over "

@@ -33,7 +33,7 @@ class Command(BaseCommand):
         web = [sys.executable, "-m", "daphne", "-b", host, "-p", str(port), "portal.asgi:application"]
         worker = [sys.executable, str(settings.BASE_DIR / "manage.py"), "worker"]
         stop = threading.Event()
-        received = [signal.SIGTERM]
+        received: list[int] = [signal.SIGTERM]
 
         def request_stop(signum: int, _frame: Any) -> None:
             received[0] = signum

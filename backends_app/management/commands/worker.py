@@ -110,7 +110,7 @@ class Command(BaseCommand):
         if once:
             return
         stop = threading.Event()
-        received = [signal.SIGTERM]
+        received: list[int] = [signal.SIGTERM]
 
         def request_stop(signum: int, _frame: Any) -> None:
             received[0] = signum
@@ -118,7 +118,7 @@ class Command(BaseCommand):
 
         signal.signal(signal.SIGINT, request_stop)
         signal.signal(signal.SIGTERM, request_stop)
-        # The main thread's connection is closed before the fork: the child opens its own.
+        # From here the main thread only waits; the heartbeat thread opens its own connection.
         connection.close()
         cluster = processes.start(
             [sys.executable, str(settings.BASE_DIR / "manage.py"), "worker", "--run-cluster"],

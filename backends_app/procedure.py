@@ -151,13 +151,41 @@ def perform(job: UpgradeJob, observer: Callable[[UpgradeJob], None] | None = Non
         JobKind.UNINSTALL: uninstall,
     }
     try:
-        operation.backends.mkdir(parents=True, exist_ok=True)
-        operation.state.require_usable(operation.backends)
-        operation.state.ensure()
-        return steps[job.kind](operation)
+        try:
+            operation.backends.mkdir(parents=True, exist_ok=True)
+            operation.state.require_usable(operation.backends)
+            operation.state.ensure()
+            return steps[job.kind](operation)
+        except BaseException:
+            _discard_leftovers(operation)  # before the job is seen to end: its space is free again
+            raise
     finally:
         operation.journal.close()
         operation.client.close()
+
+
+def _discard_leftovers(op: Operation) -> None:
+    """Free the disk space a failed job took, so the next install is not refused for want of it.
+
+    A swap that fails is undone by moving the staged tree to the trash, which otherwise only the
+    next reconcile empties. Only this job's own trees go: its staging directories that no
+    unfinished journal record names (after a recovery that failed, reconcile needs them) and the
+    trash entries made from them. Live and kept versions are never under either path, and the
+    trash entries of other jobs are left to them.
+    """
+    token = f"job-{op.job.pk}"
+    try:
+        named = {Path(record.staging) for record in op.journal.pending() if record.staging}
+        candidates: list[Path] = []
+        if op.state.staging_root.is_dir():
+            candidates += [parent / token for parent in op.state.staging_root.iterdir()]
+        if op.state.trash.is_dir():
+            candidates += [entry for entry in op.state.trash.iterdir() if entry.name.startswith(f"{token}.")]
+        for path in candidates:
+            if path not in named and (path.exists() or path.is_symlink()):
+                fsops.remove_tree(path)
+    except (OSError, LayoutError) as exc:
+        log.warning("job %s: could not remove what it left on disk: %s", op.job.pk, exc)
 
 
 def describe_failure(exc: BaseException) -> str:

@@ -21,6 +21,9 @@ def client_from_settings(platform: str | None = None) -> oci.RegistryClient:
             insecure_hosts=tuple(settings.PORTAL_INSECURE_REGISTRIES),
             timeout=(min(10.0, settings.PORTAL_REGISTRY_TIMEOUT), float(settings.PORTAL_REGISTRY_TIMEOUT)),
             retries=settings.PORTAL_REGISTRY_RETRIES,
+            speed_limit=settings.PORTAL_REGISTRY_SPEED_LIMIT,
+            speed_time=float(settings.PORTAL_REGISTRY_SPEED_TIME),
+            blob_deadline=float(settings.PORTAL_REGISTRY_BLOB_DEADLINE),
             auth_file=auth_file if auth_file and os.path.exists(auth_file) else None,
             platform=platform or settings.PORTAL_PLATFORM,
         )

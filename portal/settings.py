@@ -149,7 +149,7 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # The web server and the worker are separate processes sharing one file: wait for the write
     # lock instead of failing, and start write transactions eagerly so they queue in order.
     DATABASES["default"]["OPTIONS"] = {
-        "timeout": 30,
+        "timeout": env_int("PORTAL_DB_BUSY_TIMEOUT", 30),
         "transaction_mode": "IMMEDIATE",
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
     }
@@ -281,8 +281,17 @@ PORTAL_INSECURE_REGISTRIES = env_list("PORTAL_INSECURE_REGISTRIES")
 PORTAL_REGISTRY_TIMEOUT = env_int("PORTAL_REGISTRY_TIMEOUT", 30)
 PORTAL_REGISTRY_RETRIES = env_int("PORTAL_REGISTRY_RETRIES", 3)
 PORTAL_REGISTRY_CONCURRENCY = env_int("PORTAL_REGISTRY_CONCURRENCY", 8)
+# A download slower than SPEED_LIMIT bytes/s over SPEED_TIME seconds is cut off (and resumed, within
+# the retries); no blob may take longer than BLOB_DEADLINE seconds. 0 turns a limit off.
+PORTAL_REGISTRY_SPEED_LIMIT = env_int("PORTAL_REGISTRY_SPEED_LIMIT", 1024)
+PORTAL_REGISTRY_SPEED_TIME = env_int("PORTAL_REGISTRY_SPEED_TIME", 60)
+PORTAL_REGISTRY_BLOB_DEADLINE = env_int("PORTAL_REGISTRY_BLOB_DEADLINE", 3600)
 PORTAL_REGISTRY_AUTH_FILE = env_str("PORTAL_REGISTRY_AUTH_FILE", os.path.expanduser("~/.docker/config.json"))
 PORTAL_GALLERY_TIMEOUT = env_int("PORTAL_GALLERY_TIMEOUT", 30)
+# `manage.py worker` and `serve`: seconds between heartbeats (a node is offline after 90 s without
+# one), and seconds a stopping process gets before its process group is killed.
+PORTAL_HEARTBEAT_INTERVAL = env_int("PORTAL_HEARTBEAT_INTERVAL", 30)
+PORTAL_SHUTDOWN_GRACE = env_int("PORTAL_SHUTDOWN_GRACE", 30)
 
 LOGGING = {
     "version": 1,

@@ -50,7 +50,7 @@ from backends_app.oci import RegistryClient, RegistryConfig
 from backends_app.oci.publish import FileSpec, publish_files, publish_per_platform
 
 REGISTRY_BINARY = os.environ.get("PORTAL_REGISTRY_BINARY", "/usr/bin/docker-registry")
-STARTUP_DEADLINE = 15.0
+STARTUP_DEADLINE = 60.0
 _repo_counter = itertools.count(1)
 
 _CONFIG_TEMPLATE = """\
@@ -195,7 +195,7 @@ class RegistryServer:
             if self._process.poll() is not None:
                 raise RuntimeError(f"exited with {self._process.returncode}: {self._log_tail()}")
             try:
-                with urllib.request.urlopen(f"{self.url}/v2/", timeout=1):
+                with urllib.request.urlopen(f"{self.url}/v2/", timeout=10):
                     return
             except urllib.error.HTTPError as exc:
                 if exc.code == 401:  # an auth registry is up and asking for credentials
@@ -217,17 +217,18 @@ class RegistryServer:
             return
         process.terminate()
         try:
-            process.wait(timeout=5)
+            process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
-            process.wait(timeout=5)
+            process.wait(timeout=30)
 
     # -- helpers for tests --------------------------------------------------------------------
 
     def config(self, **overrides: Any) -> RegistryConfig:
-        """A client config for this registry: short timeouts, its credentials if any."""
+        """A client config for this registry: few retries, its credentials if any. The timeouts
+        are generous: a registry on a loaded machine may take seconds to answer."""
         values: dict[str, Any] = {
-            "timeout": (2.0, 10.0),
+            "timeout": (10.0, 60.0),
             "retries": 1,
             "backoff": 0.05,
             "max_retry_wait": 5.0,
@@ -443,14 +444,19 @@ class Fault:
     """What the proxy does to a matching request instead of (or while) forwarding it.
 
     ``status``: answer with it (and ``headers``) without forwarding. ``truncate_after``: forward,
-    but cut the response body after that many bytes and drop the connection. ``hang``: never
-    answer. ``times``: how many matching requests it applies to.
+    but cut the response body after that many bytes and drop the connection. ``trickle_after``:
+    forward that many bytes of the body at once, then ``trickle_bytes`` every ``trickle_every``
+    seconds (never silent long enough for a read timeout). ``hang``: never answer. ``times``: how
+    many matching requests it applies to.
     """
 
     match: Callable[[str, str], bool]
     status: int | None = None
     headers: dict[str, str] = field(default_factory=dict)
     truncate_after: int | None = None
+    trickle_after: int | None = None
+    trickle_bytes: int = 1
+    trickle_every: float = 2.0
     hang: bool = False
     times: int = 1
 
@@ -550,6 +556,9 @@ class FaultProxy:
             handler.end_headers()
             if method == "HEAD":
                 return
+            if fault is not None and fault.trickle_after is not None:
+                self._trickle(handler, data, fault)
+                return
             if fault is not None and fault.truncate_after is not None:
                 handler.wfile.write(data[: fault.truncate_after])
                 handler.wfile.flush()
@@ -560,6 +569,20 @@ class FaultProxy:
             handler.wfile.write(data)
         finally:
             connection.close()
+
+    def _trickle(self, handler: http.server.BaseHTTPRequestHandler, data: bytes, fault: Fault) -> None:
+        """Send ``data`` slowly, until it is all sent, the client hangs up or the proxy stops."""
+        handler.close_connection = True
+        sent = fault.trickle_after or 0
+        try:
+            handler.wfile.write(data[:sent])
+            handler.wfile.flush()
+            while sent < len(data) and not self._stop.wait(fault.trickle_every):
+                handler.wfile.write(data[sent : sent + fault.trickle_bytes])
+                handler.wfile.flush()
+                sent += fault.trickle_bytes
+        except OSError:
+            return  # the client gave up on us: what the tests want to see
 
 
 @pytest.fixture

@@ -197,17 +197,17 @@ class Portal:
                         preexec_fn=die_with_parent,
                     )
                 )
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             self._check_alive()
             try:
-                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
+                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
                 connection.request("GET", "/login/")
                 if connection.getresponse().status == 200:
                     return self
             except OSError:
                 time.sleep(0.1)
-        raise AssertionError(f"the web server did not answer within 30 s:\n{self.log_tail()}")
+        raise AssertionError(f"the web server did not answer within 120 s:\n{self.log_tail()}")
 
     def _check_alive(self) -> None:
         for process in self.processes:
@@ -228,7 +228,7 @@ class Portal:
                 process.terminate()
         for process in self.processes:
             try:
-                process.wait(timeout=15)
+                process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=5)
@@ -331,9 +331,9 @@ def sign_in(page: Any, base: str) -> None:
 
 
 def watch_progress(page: Any, *, screenshot: Path | None) -> list[float]:
-    """The progress bar's values as the user sees them, until the outcome shows (up to 60 s)."""
+    """The progress bar's values as the user sees them, until the outcome shows (up to 120 s)."""
     seen: list[float] = []
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         value, over = page.evaluate(
             "() => [document.getElementById('job-progress').value,"
@@ -347,7 +347,7 @@ def watch_progress(page: Any, *, screenshot: Path | None) -> list[float]:
         if over:
             return seen
         page.wait_for_timeout(30)
-    raise AssertionError(f"no outcome within 60 s; progress seen: {seen}")
+    raise AssertionError(f"no outcome within 120 s; progress seen: {seen}")
 
 
 def measure_latency(page: Any, base: str, backend: Backend, samples: int) -> list[float]:

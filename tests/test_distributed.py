@@ -94,7 +94,7 @@ class Fleet:
             else:
                 process.send_signal(sig)
         try:
-            process.wait(timeout=30)
+            process.wait(timeout=90)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)  # nothing of the node may outlive the test
@@ -125,7 +125,7 @@ class Fleet:
         for process, _ in self.webs:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=30)
+            process.wait(timeout=90)
         # The test database is dropped after the session: wait for the fleet's connections to close.
         from django.db import connection
 
@@ -137,7 +137,7 @@ class Fleet:
                 )
                 return int(cursor.fetchone()[0])
 
-        wait_until(lambda: others() == 0, "the fleet's database connections to close", 20)
+        wait_until(lambda: others() == 0, "the fleet's database connections to close", 60)
 
 
 @pytest.fixture
@@ -163,13 +163,13 @@ def api(url: str, token: str) -> requests.Session:
 
 
 def get(session: requests.Session, path: str) -> Any:
-    response = session.get(session.base_url + path, timeout=10)  # type: ignore[attr-defined]
+    response = session.get(session.base_url + path, timeout=60)  # type: ignore[attr-defined]
     assert response.status_code == 200, response.text
     return response.json()
 
 
 def post(session: requests.Session, path: str, body: dict[str, Any] | None = None) -> requests.Response:
-    return session.post(session.base_url + path, json=body or {}, timeout=30)  # type: ignore[attr-defined]
+    return session.post(session.base_url + path, json=body or {}, timeout=60)  # type: ignore[attr-defined]
 
 
 def finished(session: requests.Session, job_id: int) -> dict[str, Any]:
@@ -272,8 +272,8 @@ def test_a_fleet_upgrades_rolls_back_recovers_and_converges(
 
 def _answers(session: requests.Session) -> bool:
     try:
-        return session.get(session.base_url + "/api/backends/", timeout=2).status_code == 200  # type: ignore[attr-defined]
-    except requests.ConnectionError:
+        return session.get(session.base_url + "/api/backends/", timeout=30).status_code == 200  # type: ignore[attr-defined]
+    except requests.RequestException:
         return False
 
 

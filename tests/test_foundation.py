@@ -154,17 +154,18 @@ def test_serve_starts_web_server_and_worker_and_ctrl_c_stops_both(tmp_path: Path
     reader = threading.Thread(target=lambda: output.extend(iter(server.stdout.readline, "")), daemon=True)
     reader.start()
     try:
-        deadline = time.monotonic() + 60
+        # Generous: a server starting on a loaded machine may take many seconds to answer.
+        deadline = time.monotonic() + 120
         page = None
         while time.monotonic() < deadline and page is None:
             try:
-                page = requests.get(f"http://127.0.0.1:{port}/admin/login/", timeout=2)
-            except requests.ConnectionError:
+                page = requests.get(f"http://127.0.0.1:{port}/admin/login/", timeout=30)
+            except requests.RequestException:
                 time.sleep(0.2)
         assert page is not None and page.status_code == 200
         assert 'name="username"' in page.text
         assert (
-            requests.get(f"http://127.0.0.1:{port}/static/admin/css/base.css", timeout=5).status_code == 200
+            requests.get(f"http://127.0.0.1:{port}/static/admin/css/base.css", timeout=30).status_code == 200
         )
         while time.monotonic() < deadline and not any("running" in line.lower() for line in output):
             time.sleep(0.2)
@@ -172,10 +173,10 @@ def test_serve_starts_web_server_and_worker_and_ctrl_c_stops_both(tmp_path: Path
         assert any("Q Cluster" in line and "running" in line for line in output), output
     finally:
         server.send_signal(signal.SIGINT)
-        server.wait(timeout=30)
-    reader.join(timeout=5)
+        server.wait(timeout=120)
+    reader.join(timeout=30)
     assert server.returncode == 0, "".join(output)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while processes_with(str(tmp_path)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert processes_with(str(tmp_path)) == []

@@ -235,7 +235,7 @@ def test_alias_bombs_and_self_references_are_refused_quickly() -> None:
     bomb = "- name: lol\n  uri: x\n  l0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + levels
     started = time.monotonic()
     assert "expands to more than" in parse_error(bomb)
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 30  # refused, not expanded (which would take hours)
     assert "containing itself" in parse_error("- &loop [*loop]\n")
 
 
@@ -452,15 +452,15 @@ def test_fetch_from_a_closed_port_fails_quickly() -> None:
     started = time.monotonic()
     with pytest.raises(GalleryError, match="cannot fetch gallery"):
         gallery.fetch(f"http://127.0.0.1:{free_port()}/index.yaml", timeout=5)
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 30  # refused at once, not retried for minutes
 
 
 def test_fetch_from_a_slow_server_times_out(server: GalleryServer) -> None:
-    server.routes["/index.yaml"] = Route(body=b"[]", delay=2.0)
+    server.routes["/index.yaml"] = Route(body=b"[]", delay=120.0)
     started = time.monotonic()
     with pytest.raises(GalleryError, match="timed out"):
-        gallery.fetch(server.base + "/index.yaml", timeout=0.3)
-    assert time.monotonic() - started < 1.5
+        gallery.fetch(server.base + "/index.yaml", timeout=1)
+    assert time.monotonic() - started < 60  # the timeout, not the server's two minutes
 
 
 @pytest.mark.parametrize("send_length", [True, False])

@@ -480,14 +480,14 @@ def test_websocket_sends_the_state_then_each_change_until_the_end(
         communicator = websocket(f"/ws/jobs/{running_job.pk}/", session=session)
         connected, _ = await communicator.connect()
         assert connected
-        seen = [await communicator.receive_json_from(timeout=2)]
+        seen = [await communicator.receive_json_from(timeout=30)]
         change = asyncio.get_running_loop().run_in_executor
         await change(None, running_job.set_progress, 100, 400, "layer 1/1")
-        seen.append(await communicator.receive_json_from(timeout=1))
+        seen.append(await communicator.receive_json_from(timeout=30))
         await asyncio.sleep(0.5)  # two polls, no change: nothing sent
         assert await communicator.receive_nothing(timeout=0.1)
         await change(None, running_job.finish, "alpha v2 installed")
-        seen.append(await communicator.receive_json_from(timeout=1))
+        seen.append(await communicator.receive_json_from(timeout=30))
         await communicator.disconnect()
         return seen
 

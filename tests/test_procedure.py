@@ -11,7 +11,7 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.db import connection
 
-from backends_app import procedure
+from backends_app import jobs, procedure
 from backends_app.disk import layout
 from backends_app.models import (
     Backend,
@@ -339,6 +339,31 @@ def test_the_local_node_is_used_for_operations(published: Any, settings: Any) ->
     assert job.node == Node.local()
 
 
+def test_a_trickling_registry_fails_an_install_from_the_command_line_naming_the_limit(
+    published: Any, settings: Any, registry: Any, fault_proxy_factory: Any, gallery_factory: Any, capsys: Any
+) -> None:
+    from tests.registry import Fault
+
+    proxy = fault_proxy_factory(registry.host)
+    # One byte every half second, for every try: the layer would take minutes to arrive.
+    proxy.add(Fault(lambda method, path: method == "GET" and "/blobs/" in path, trickle_after=0, times=10))
+    gallery_factory([{"name": "cpu-demo", "uri": published.ref.replace(registry.host, proxy.host)}])
+    settings.PORTAL_REGISTRY_SPEED_LIMIT = 1000
+    settings.PORTAL_REGISTRY_SPEED_TIME = 1
+    settings.PORTAL_REGISTRY_RETRIES = 1
+
+    with pytest.raises(CommandError, match="did not succeed"):
+        call_command("backends", "install", "cpu-demo")
+
+    job = UpgradeJob.objects.get(kind=JobKind.INSTALL)
+    assert job.status == JobStatus.FAILED
+    assert "low-speed limit of 1000 bytes/s over 1 s" in job.error, job.error
+    assert not (Path(settings.PORTAL_BACKENDS_PATH) / "cpu-demo").exists()
+    assert [
+        p for p in Path(settings.PORTAL_STATE_PATH).rglob("*") if p.is_file() and "journal" not in p.parts
+    ] == []
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path, settings: Any) -> Any:
     """A real 4 MiB filesystem (tmpfs) holding the backends and state directories."""
@@ -376,6 +401,55 @@ def test_running_out_of_space_mid_download_is_a_clean_failure(
     ] == (published.first_digest)
     assert [p for p in (small_disk / ".backends-portal/staging").rglob("*") if p.is_file()] == []
     assert InstalledVersion.objects.get(name="cpu-demo", state="current").digest == published.first_digest
+
+
+@pytest.mark.single_pass
+def test_a_disk_filling_up_mid_swap_leaves_its_space_free_for_the_next_install(
+    published: Any, settings: Any, small_disk: Path, monkeypatch: Any
+) -> None:
+    import errno
+    import os
+
+    from backends_app.models import JobPhase
+
+    monkeypatch.setattr(procedure, "SPACE_MARGIN", 0)  # the disk is tiny; only the estimate counts
+    assert run_op(published.backend, JobKind.INSTALL).status == JobStatus.SUCCEEDED
+    free_before = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    # 2.5 MiB of zeros: a few KiB to download, most of the disk once staged.
+    published.push("v2", extra={"lib/model.bin": b"\0" * (5 << 19)})
+    filler = small_disk / "someone-elses-file"
+
+    def fill_the_disk_when_swapping(job: UpgradeJob) -> None:
+        """Another writer on the same filesystem takes the rest of it just as the swap begins."""
+        if job.phase == JobPhase.SWAPPING and not filler.exists():
+            with filler.open("wb", buffering=0) as handle:
+                try:
+                    while True:
+                        handle.write(b"\1" * 65536)
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC
+
+    job, _ = published.backend.request(JobKind.UPGRADE, queue=False, requested_by="test")
+    job = jobs.run(job.pk, observer=fill_the_disk_when_swapping)
+
+    assert job.status == JobStatus.FAILED
+    assert "No space left on device" in job.error, job.error
+    assert live_version(settings, "cpu-demo") == "v1"
+    filler.unlink()  # the other writer frees its space; the failed upgrade must have freed its own
+    free_after = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    assert free_after >= free_before - (64 << 10), (free_before, free_after)
+    left = sorted(str(p.relative_to(small_disk)) for p in small_disk.rglob("*") if p.is_file())
+    assert [path for path in left if "/journal/" not in f"/{path}"] == [
+        "backends/cpu-demo/lib/version.txt",
+        "backends/cpu-demo/metadata.json",
+        "backends/cpu-demo/run.sh",
+    ]
+
+    # A smaller upgrade that fits the disk as it was before the failure goes through.
+    published.push("v3", extra={"lib/model.bin": b"\0" * (2 << 20)})
+    upgrade = run_op(published.backend, JobKind.UPGRADE)
+    assert upgrade.status == JobStatus.SUCCEEDED, upgrade.error
+    assert live_version(settings, "cpu-demo") == "v3"
 
 
 def test_upgrade_all_checks_first_and_dry_run_changes_nothing(

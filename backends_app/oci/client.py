@@ -6,6 +6,13 @@ Every request has a (connect, read) timeout; connection errors, timeouts and 5xx
 date) unless it asks for more than ``max_retry_wait``, which fails at once. A dead host therefore
 fails after at most ``(retries + 1) * (connect + read timeout)`` plus the backoff sleeps.
 
+Bodies. The read timeout only bounds each silence, so a registry sending a byte every few seconds
+would never trip it. Bodies are therefore read one socket read at a time and watched: a body slower
+than ``speed_limit`` bytes/s over ``speed_time`` seconds is cut off (a layer then resumes with a
+Range request, within ``retries``), and no blob may take longer than ``blob_deadline`` in all. The
+error says which limit was hit. A check runs whenever a read returns, so it fires at most one read
+timeout late.
+
 Schemes. HTTPS with certificate verification, except for hosts in ``insecure_hosts`` and loopback
 hosts (``localhost``, 127.0.0.0/8, ``::1``; no configuration needed, as with Docker): for those
 HTTPS is tried first without certificate verification and, if the server does not speak TLS, plain
@@ -110,6 +117,16 @@ class RegistryConfig:
     """``os/arch[/variant]`` picked from multi-platform indexes; default: this machine's."""
     progress_interval: float = PROGRESS_INTERVAL
     """Minimum seconds between two progress callbacks during a pull."""
+    speed_limit: int = 1024
+    """Low-speed limit in bytes per second (0: none). A body arriving slower than this, on
+    average over ``speed_time`` seconds, is cut off (and a layer resumed with a Range request,
+    within ``retries``), as curl's ``--speed-limit`` does. Catches a registry that trickles bytes
+    just often enough never to trip the read timeout."""
+    speed_time: float = 60.0
+    """Seconds over which ``speed_limit`` is measured."""
+    blob_deadline: float = 3600.0
+    """The longest one blob (a layer, a config, a manifest) may take to download, retries and
+    resumes included (0: none)."""
     user_agent: str = "backend-portal-oci/1"
 
     @property
@@ -434,7 +451,7 @@ class RegistryClient:
             what="manifest",
             stream=True,
         )
-        body = _read_limited(response, MAX_MANIFEST_BYTES, str(ref))
+        body = _read_limited(response, MAX_MANIFEST_BYTES, str(ref), self._watch(f"{ref}: manifest"))
         return f"sha256:{hashlib.sha256(body).hexdigest()}", media_type
 
     def _get_manifest(self, ref: Reference, digest: str) -> tuple[dict[str, Any], str]:
@@ -447,7 +464,7 @@ class RegistryClient:
             stream=True,
         )
         where = f"{ref.name}@{digest}"
-        body = _read_limited(response, MAX_MANIFEST_BYTES, where)
+        body = _read_limited(response, MAX_MANIFEST_BYTES, where, self._watch(where))
         _verify_bytes(body, digest, where)
         data = load_json(body, where)
         return data, media_type_of(data, response.headers.get("Content-Type"))
@@ -455,13 +472,16 @@ class RegistryClient:
     def _get_blob_bytes(self, ref: Reference, descriptor: Descriptor) -> bytes:
         response = self._request("GET", ref, f"blobs/{descriptor.digest}", what="blob", stream=True)
         where = f"{ref.name}@{descriptor.digest}"
-        body = _read_limited(response, max(descriptor.size, 0) or MAX_MANIFEST_BYTES, where)
+        body = _read_limited(
+            response, max(descriptor.size, 0) or MAX_MANIFEST_BYTES, where, self._watch(where)
+        )
         _verify_bytes(body, descriptor.digest, where)
         return body
 
     def _blob_chunks(self, ref: Reference, descriptor: Descriptor, downloaded: list[int]) -> Iterator[bytes]:
-        """A layer blob's bytes; a connection lost mid-way is resumed with a Range request."""
+        """A layer blob's bytes; a connection lost or too slow mid-way is resumed with a Range request."""
         path = f"blobs/{descriptor.digest}"
+        watch = self._watch(f"{ref.api_host}: blob {descriptor.digest}")
         received = 0
         resumes = 0
         response = self._request("GET", ref, path, what="blob", stream=True)
@@ -479,7 +499,7 @@ class RegistryClient:
                     else:
                         skip = received
                 try:
-                    for chunk in response.iter_content(COPY_CHUNK):
+                    for chunk in _watched_body(response, watch):
                         if skip:
                             cut = min(skip, len(chunk))
                             chunk, skip = chunk[cut:], skip - cut
@@ -492,23 +512,39 @@ class RegistryClient:
                     requests.ConnectionError,
                     requests.Timeout,
                     requests.exceptions.ChunkedEncodingError,
+                    urllib3.exceptions.HTTPError,
+                    _TooSlow,
                 ) as exc:
                     response.close()
+                    cause = str(exc) if isinstance(exc, _TooSlow) else type(exc).__name__
                     if resumes >= self.config.retries:
+                        if isinstance(exc, _TooSlow):
+                            raise RegistryUnavailable(
+                                f"{ref.api_host}: downloading {descriptor.digest} {exc}, "
+                                f"{resumes + 1} attempt(s), {received} of {descriptor.size} bytes received"
+                            ) from None
                         raise RegistryUnavailable(
                             f"{ref.api_host}: connection lost downloading {descriptor.digest} "
-                            f"after {received} bytes ({type(exc).__name__})"
+                            f"after {received} bytes ({cause})"
                         ) from None
                     resumes += 1
-                    log.info(
-                        "resuming %s at byte %d after %s", descriptor.digest, received, type(exc).__name__
-                    )
+                    log.info("resuming %s at byte %d after %s", descriptor.digest, received, cause)
                     self._sleep(self._backoff(resumes - 1))
+                    watch.check_deadline(received, descriptor.size)
+                    watch.restart_window()
                     response = self._request(
                         "GET", ref, path, what="blob", stream=True, headers={"Range": f"bytes={received}-"}
                     )
         finally:
             response.close()
+
+    def _watch(self, where: str) -> _TransferWatch:
+        return _TransferWatch(
+            where=where,
+            speed_limit=max(0, int(self.config.speed_limit)),
+            speed_time=max(0.001, float(self.config.speed_time)),
+            deadline=max(0.0, float(self.config.blob_deadline)),
+        )
 
     # -- HTTP core ------------------------------------------------------------------------------
 
@@ -752,20 +788,113 @@ def _annotations(document: Mapping[str, Any]) -> dict[str, str]:
     return {}
 
 
-def _read_limited(response: requests.Response, limit: int, where: str) -> bytes:
+def _read_limited(response: requests.Response, limit: int, where: str, watch: _TransferWatch) -> bytes:
     with contextlib.closing(response):
         declared = response.headers.get("Content-Length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise OCIError(f"{where}: {declared} bytes is more than the {limit} allowed")
+        parts: list[bytes] = []
+        size = 0
         try:
-            body: bytes = response.raw.read(limit + 1, decode_content=True)
+            for chunk in _watched_body(response, watch, limit + 1):
+                parts.append(chunk)
+                size += len(chunk)
+                if size > limit:
+                    raise OCIError(f"{where}: more than {limit} bytes")
         except urllib3.exceptions.HTTPError as exc:
             raise RegistryUnavailable(
                 f"{where}: connection failed while reading ({type(exc).__name__})"
             ) from None
-        if len(body) > limit:
-            raise OCIError(f"{where}: more than {limit} bytes")
-        return body
+        except _TooSlow as exc:
+            raise RegistryUnavailable(f"{where}: {exc}") from None
+        return b"".join(parts)
+
+
+class _TooSlow(Exception):
+    """A body fell below the low-speed limit (a layer resumes on a fresh connection)."""
+
+
+@dataclass
+class _TransferWatch:
+    """The low-speed limit and the deadline of one blob's download, across its resumes.
+
+    Speed is averaged over windows of ``speed_time`` seconds: a window that ends with fewer than
+    ``speed_limit * speed_time`` bytes fails. The deadline runs from the first request.
+    """
+
+    where: str
+    speed_limit: int
+    speed_time: float
+    deadline: float
+    started: float = field(default_factory=time.monotonic)
+    window_start: float = field(default_factory=time.monotonic)
+    window_bytes: int = 0
+    received: int = 0
+
+    def restart_window(self) -> None:
+        """A fresh connection gets a full window before its speed is judged."""
+        self.window_start, self.window_bytes = time.monotonic(), 0
+
+    def check_deadline(self, received: int, size: int | None = None) -> None:
+        if self.deadline and time.monotonic() - self.started > self.deadline:
+            of = f" of {size}" if size is not None else ""
+            raise RegistryUnavailable(
+                f"{self.where}: not downloaded within the per-blob deadline of {self.deadline:g} s "
+                f"({received}{of} bytes received)"
+            )
+
+    def update(self, count: int) -> None:
+        """Account for `count` bytes just read; raise if a limit is passed. The end of the body
+        (`count` 0) passes: a blob that is complete is not failed for its last second."""
+        if not count:
+            return
+        self.received += count
+        self.check_deadline(self.received)
+        self.window_bytes += count
+        now = time.monotonic()
+        elapsed = now - self.window_start
+        if self.speed_limit and elapsed >= self.speed_time:
+            if self.window_bytes < self.speed_limit * elapsed:
+                raise _TooSlow(
+                    f"stayed below the low-speed limit of {self.speed_limit} bytes/s over "
+                    f"{self.speed_time:g} s ({self.window_bytes} bytes in {elapsed:.0f} s)"
+                )
+            self.window_start, self.window_bytes = now, 0
+
+
+# Chunks handed on are joined up to this size, or sooner when data arrives slowly.
+_YIELD_SECONDS = 0.2
+
+
+def _watched_body(
+    response: requests.Response, watch: _TransferWatch, limit: int | None = None
+) -> Iterator[bytes]:
+    """The response body, one socket read at a time, each checked against `watch`.
+
+    ``iter_content`` would block until a whole chunk has arrived, however slowly; a read of what
+    is there (``read1``) returns within the read timeout, so the limits are checked that often.
+    Reads are joined into chunks of up to ``COPY_CHUNK`` bytes for the consumer. Network errors
+    are urllib3's (the caller maps them). ``limit``: stop reading once that many bytes arrived.
+    """
+    raw = response.raw
+    pieces: list[bytes] = []
+    pending = 0
+    total = 0
+    last_yield = time.monotonic()
+    while limit is None or total < limit:
+        want = COPY_CHUNK - pending if limit is None else min(COPY_CHUNK - pending, limit - total)
+        data = raw.read1(want, decode_content=True)
+        watch.update(len(data))
+        if not data:
+            break
+        pieces.append(data)
+        pending += len(data)
+        total += len(data)
+        if pending >= COPY_CHUNK or time.monotonic() - last_yield >= _YIELD_SECONDS:
+            yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            pieces, pending, last_yield = [], 0, time.monotonic()
+    if pieces:
+        yield b"".join(pieces)
 
 
 def _verify_bytes(body: bytes, digest: str, where: str) -> None:

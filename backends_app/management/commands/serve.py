@@ -1,15 +1,24 @@
-"""`manage.py serve`: the ASGI web server and a django-q2 worker together, both stopped by Ctrl-C."""
+"""`manage.py serve`: the ASGI web server and a django-q2 worker together, both stopped by Ctrl-C.
+
+SIGINT (Ctrl-C) or SIGTERM stops every process serve started: each child is asked to stop, given
+`PORTAL_SHUTDOWN_GRACE` seconds, then its process group is killed (backends_app.processes). If one
+child exits on its own, the other is stopped the same way and serve exits with an error, so a
+supervisor sees the failure and restarts the whole. If serve itself is killed, its children get
+SIGTERM from the kernel and stop as if serve had asked.
+"""
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
-import time
+import threading
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from backends_app import processes
 
 
 class Command(BaseCommand):
@@ -22,31 +31,24 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, host: str, port: int, no_worker: bool, **options: Any) -> None:
         web = [sys.executable, "-m", "daphne", "-b", host, "-p", str(port), "portal.asgi:application"]
-        worker = [sys.executable, "manage.py", "worker"]
-        children = [subprocess.Popen(web)]
+        worker = [sys.executable, str(settings.BASE_DIR / "manage.py"), "worker"]
+        stop = threading.Event()
+        received: list[int] = [signal.SIGTERM]
+
+        def request_stop(signum: int, _frame: Any) -> None:
+            received[0] = signum
+            stop.set()
+
+        signal.signal(signal.SIGINT, request_stop)
+        signal.signal(signal.SIGTERM, request_stop)
+        children = [processes.start(web)]
         if not no_worker:
-            children.append(subprocess.Popen(worker))
+            children.append(processes.start(worker))
         self.stdout.write(f"Backend Portal on http://{host}:{port}/ (admin at /admin/); Ctrl-C stops it")
-
-        def stop(*_: Any) -> None:
-            raise KeyboardInterrupt
-
-        signal.signal(signal.SIGTERM, stop)
         failed = None
-        try:
-            while failed is None:
-                failed = next((c for c in children if c.poll() is not None), None)
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            pass
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGINT)
-        deadline = time.monotonic() + 20
-        for child in children:
-            try:
-                child.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.kill()
-        if failed is not None and failed.returncode:
-            raise CommandError(f"{' '.join(failed.args[2:4])} exited with status {failed.returncode}")
+        while failed is None and not stop.wait(0.5):
+            failed = next((c for c in children if processes.has_exited(c)), None)
+        processes.stop(children, received[0], settings.PORTAL_SHUTDOWN_GRACE)
+        if failed is not None:
+            name = "the worker" if failed.args == worker else "the web server"
+            raise CommandError(f"{name} exited with status {failed.returncode}; stopped everything")

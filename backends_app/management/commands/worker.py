@@ -3,26 +3,75 @@
 Without options it serves the node this machine's settings describe, on the default queue. With
 `--node NAME --backends-path PATH` it registers (or updates) that node and runs a cluster named after
 it, so jobs for that node, routed by name, run here and touch only its backends directory.
+
+The cluster runs in a child process with a process group of its own (see backends_app.processes).
+Whichever way the worker ends (a signal, an error, the cluster dying), the cluster's whole group is
+stopped before the worker exits; if the worker is killed outright, the kernel's death signal makes
+the cluster kill its own group, so no orphaned cluster goes on taking jobs. A failed heartbeat (the
+database locked by a long write, or unreachable for a while) is logged and retried, never fatal.
 """
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 from django.conf import settings
+from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import DatabaseError, connection
 
-from backends_app import procedure
+from backends_app import procedure, processes
 from backends_app.models import Node
 
-HEARTBEAT_SECONDS = 30
+log = logging.getLogger(__name__)
+
+# Sent by the kernel to the cluster's leader when the worker dies; its handler kills the group.
+CLUSTER_DEATH_SIGNAL = signal.SIGUSR1
+# A failed heartbeat is tried again after this many seconds (or the interval, if shorter).
+HEARTBEAT_RETRY_SECONDS = 5.0
+
+
+class Heartbeat(threading.Thread):
+    """Records the node's heartbeat every `interval` seconds until `stop` is set.
+
+    In a thread of its own, so a heartbeat waiting on a locked database never delays the worker's
+    answer to a signal. A failure is logged and retried sooner; it never ends the worker, whose
+    cluster may well be able to work meanwhile.
+    """
+
+    def __init__(self, node: Node, interval: float, stop: threading.Event) -> None:
+        super().__init__(name="heartbeat", daemon=True)
+        self.node = node
+        self.interval = max(0.1, interval)
+        self.stop = stop
+
+    def run(self) -> None:
+        failures = 0
+        delay = self.interval
+        while not self.stop.wait(delay):
+            try:
+                self.node.heartbeat()
+            except Exception as exc:  # never fatal; DatabaseError is the usual one
+                failures += 1
+                delay = min(self.interval, HEARTBEAT_RETRY_SECONDS)
+                if isinstance(exc, DatabaseError):
+                    log.warning("%s: heartbeat failed (%s); retrying in %.0f s", self.node.name, exc, delay)
+                else:
+                    log.exception("%s: heartbeat failed; retrying in %.0f s", self.node.name, delay)
+                connection.close()  # a broken connection is opened afresh on the next try
+            else:
+                if failures:
+                    log.info("%s: heartbeat recorded again after %d failure(s)", self.node.name, failures)
+                failures = 0
+                delay = self.interval
+        connection.close()
 
 
 class Command(BaseCommand):
@@ -39,8 +88,13 @@ class Command(BaseCommand):
         parser.add_argument("--platform", help="The node's platform, os/arch[/variant].")
         parser.add_argument("--workers", type=int, help="Worker processes in the cluster.")
         parser.add_argument("--once", action="store_true", help="Reconcile and exit (no cluster).")
+        # The worker's own child process: the django-q2 cluster, killed whole if the worker dies.
+        parser.add_argument("--run-cluster", action="store_true", help=argparse.SUPPRESS)
 
-    def handle(self, *args: Any, once: bool, **options: Any) -> None:
+    def handle(self, *args: Any, once: bool, run_cluster: bool, **options: Any) -> None:
+        if run_cluster:
+            self.run_cluster()
+            return
         env = self.node_environment(options)
         os.environ.update(env)
         for key in ("PORTAL_NODE_NAME", "PORTAL_NODE_QUEUE", "PORTAL_CAPABILITY", "PORTAL_PLATFORM"):
@@ -55,24 +109,43 @@ class Command(BaseCommand):
         self.stdout.write(f"{node.name}: {report.summary()}")
         if once:
             return
-        cluster = subprocess.Popen([sys.executable, "manage.py", "qcluster"], env=os.environ.copy())
         stop = threading.Event()
+        received: list[int] = [signal.SIGTERM]
 
-        def forward(signum: int, _frame: Any) -> None:
+        def request_stop(signum: int, _frame: Any) -> None:
+            received[0] = signum
             stop.set()
-            if cluster.poll() is None:
-                cluster.send_signal(signum)
 
-        signal.signal(signal.SIGINT, forward)
-        signal.signal(signal.SIGTERM, forward)
-        next_beat = time.monotonic() + HEARTBEAT_SECONDS
-        while not stop.wait(1) and cluster.poll() is None:
-            if time.monotonic() >= next_beat:
-                node.heartbeat()
-                next_beat = time.monotonic() + HEARTBEAT_SECONDS
-        code = cluster.wait()
-        if code and not stop.is_set():
-            sys.exit(code)
+        signal.signal(signal.SIGINT, request_stop)
+        signal.signal(signal.SIGTERM, request_stop)
+        # From here the main thread only waits; the heartbeat thread opens its own connection.
+        connection.close()
+        cluster = processes.start(
+            [sys.executable, str(settings.BASE_DIR / "manage.py"), "worker", "--run-cluster"],
+            death_signal=CLUSTER_DEATH_SIGNAL,
+            env=os.environ.copy(),
+        )
+        heartbeat = Heartbeat(node, settings.PORTAL_HEARTBEAT_INTERVAL, stop)
+        heartbeat.start()
+        try:
+            while not stop.wait(1) and not processes.has_exited(cluster):
+                pass
+        finally:
+            requested = stop.is_set()
+            stop.set()
+            [code] = processes.stop([cluster], received[0], settings.PORTAL_SHUTDOWN_GRACE)
+            heartbeat.join(timeout=1)
+        if not requested:
+            raise CommandError(f"the django-q2 cluster exited with status {code}; stopping")
+
+    def run_cluster(self) -> None:
+        """In the cluster's own process: run django-q2's cluster, killed whole if the worker dies."""
+
+        def parent_died(_signum: int, _frame: Any) -> None:
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+
+        signal.signal(CLUSTER_DEATH_SIGNAL, parent_died)
+        call_command("qcluster")
 
     def node_environment(self, options: dict[str, Any]) -> dict[str, str]:
         """The settings this worker and its cluster run with, as environment variables."""

@@ -33,7 +33,7 @@ OCI manifest ``Content-Type`` (a Docker v2 manifest or an index would be mislabe
 against a manifest-only schema (an index is refused).
 
 oras is imported here only, and ``publish.py`` imports this module when it pushes, so processes that
-never publish do not load oras and jsonschema (~0.1 s).
+never publish do not load oras and jsonschema (40-130 ms here).
 """
 
 from __future__ import annotations
@@ -56,9 +56,10 @@ from .reference import Reference
 
 CHUNK_SIZE = 16 * 1024 * 1024
 """Blobs larger than this go up in chunks of this size, one ``PATCH`` each; smaller ones in one
-``PUT``. oras holds one chunk (or one small blob) in memory at a time. 16 MiB is oras's default and
-measured as fast as one streamed ``PUT`` (docs/benchmarks.md); registries that take chunks at all
-take this size (ECR wants at least 5 MiB but the last)."""
+``PUT``. oras reads each chunk (or small blob) into memory whole before sending it, and keeps the
+previous one while reading the next: peak memory is about twice this. 16 MiB is oras's default and
+a size every registry that takes chunks accepts (ECR wants at least 5 MiB but the last). Larger
+chunks save a round trip each but not the read: docs/benchmarks.md has the cost."""
 
 # Every answer goes back to oras, which knows what success is at each step (200 for a HEAD, 202 for
 # POST and PATCH, 201 for the closing PUT), except what the client settles itself: 401/403 (auth,

@@ -8,6 +8,7 @@ import sys
 LINK = "40:25"  # an internet-like link: 40 ms round trip, 25 MB/s per connection
 BENCHMARKS = [
     ["bench.bench_pull"],
+    ["bench.bench_publish"],
     ["bench.bench_check"],
     ["bench.bench_fleet"],
     ["bench.bench_netproxy"],

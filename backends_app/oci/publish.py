@@ -3,8 +3,11 @@
 An image is: one layer (a gzip tar of the directory, modes kept, owners zeroed), an OCI image
 config (platform, ``rootfs.diff_ids``, the version in ``config.Labels``) and a manifest carrying the
 version in the ``org.opencontainers.image.version`` annotation. With several platforms, one manifest
-per platform is pushed by digest and an OCI index under the tag. Blobs are uploaded with the plain
-registry API (``HEAD`` to skip existing ones, ``POST`` then ``PUT ?digest=``); oras-py is not used.
+per platform is pushed by digest and an OCI index under the tag. Blobs (layers and configs) go up
+through oras-py's upload protocol on the client's own transport (``upload.py``: ``HEAD`` to skip
+existing ones, then ``POST`` + ``PUT ?digest=``, or ``POST``, ``PATCH`` per 16 MiB chunk and ``PUT``
+for large blobs); manifests and indexes are pushed here with our exact bytes (why not oras: see
+``upload.py``).
 
 Layers are reproducible: entries sorted, owners zeroed, gzip header without a timestamp, so the same
 tree publishes to the same digest. The compressed layer is staged in a temporary file (the registry
@@ -17,7 +20,6 @@ zstd or plain tar) that :func:`push_image` assembles into OCI or Docker v2 image
 
 from __future__ import annotations
 
-import functools
 import gzip
 import hashlib
 import io
@@ -25,8 +27,7 @@ import json
 import os
 import tarfile
 import tempfile
-import urllib.parse
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, BinaryIO, cast
@@ -34,7 +35,7 @@ from typing import IO, Any, BinaryIO, cast
 import zstandard
 
 from .client import RegistryClient, RegistryConfig
-from .errors import NotFound, OCIError, RegistryUnavailable
+from .errors import OCIError
 from .manifest import (
     DOCKER_CONFIG,
     DOCKER_LAYER_GZIP,
@@ -276,62 +277,15 @@ def _digest(data: bytes) -> str:
     return f"sha256:{hashlib.sha256(data).hexdigest()}"
 
 
-def push_blob(
-    client: RegistryClient, ref: Reference, digest: str, size: int, opener: Callable[[], IO[bytes]]
-) -> None:
-    """Upload a blob unless the repository has it: ``POST`` an upload, then ``PUT ?digest=``.
-
-    ``opener()`` returns a fresh binary file for each attempt (a retry resends the body).
-    """
-    try:
-        client._request("HEAD", ref, f"blobs/{digest}", what="blob", actions="pull,push").close()
-        return
-    except NotFound:
-        pass
-    response = client._request("POST", ref, "blobs/uploads/", what="upload", actions="pull,push", ok=(202,))
-    response.close()
-    location = response.headers.get("Location")
-    if not location:
-        raise OCIError(f"{ref.name}: registry gave no upload location")
-    parts = urllib.parse.urlsplit(location)
-    query = [*urllib.parse.parse_qsl(parts.query, keep_blank_values=True), ("digest", digest)]
-    location = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
-    opened: list[IO[bytes]] = []
-
-    def body() -> IO[bytes]:
-        handle = opener()
-        opened.append(handle)
-        return handle
-
-    try:
-        client._request(
-            "PUT",
-            ref,
-            location,
-            what="blob upload",
-            actions="pull,push",
-            headers={"Content-Type": "application/octet-stream"},
-            body=body,
-            ok=(201, 204),
-        ).close()
-    except (RegistryUnavailable, NotFound):
-        # A retried PUT finds its upload already completed (the first answer was lost): fine
-        # if the blob is there now.
-        try:
-            client._request("HEAD", ref, f"blobs/{digest}", what="blob", actions="pull,push").close()
-        except OCIError:
-            pass
-        else:
-            return
-        raise
-    finally:
-        for handle in opened:
-            handle.close()
-
-
 def _push_manifest(
     client: RegistryClient, ref: Reference, identifier: str, media_type: str, body: bytes
 ) -> str:
+    """``PUT`` a manifest or index, exactly ``body`` under ``media_type``; return its digest.
+
+    Ours, not oras-py's ``upload_manifest``: that one re-serialises the JSON (an index would name
+    digests of bytes never stored), always sends the OCI manifest Content-Type (Docker v2 manifests
+    and indexes would be mislabelled) and refuses an index (it validates against a manifest schema).
+    """
     digest = _digest(body)
     response = client._request(
         "PUT",
@@ -367,9 +321,13 @@ def push_image(
     per-platform manifests pushed by digest and an index (OCI, or a Docker manifest list when
     ``docker``) under the tag.
     """
+    # Imported here: oras and jsonschema load only in processes that publish (see upload.py).
+    from .upload import OrasUploader
+
     reference = parse_reference(ref)
     if not images:
         raise OCIError("nothing to push: no platforms")
+    uploader = OrasUploader(client, reference)
     all_annotations = dict(annotations or {})
     all_labels = dict(labels or {})
     if version:
@@ -381,7 +339,11 @@ def push_image(
     for platform_text, layers in images.items():
         platform = Platform.parse(platform_text)
         for layer in layers:
-            push_blob(client, reference, layer.digest, layer.size, layer.open)
+            if layer.path is not None:
+                uploader.upload(layer.digest, layer.size, layer.path)
+            else:
+                assert layer.data is not None
+                uploader.upload_bytes(layer.digest, layer.data)
         config: dict[str, Any] = {
             **platform.as_descriptor(),
             "config": {"Labels": all_labels} if all_labels else {},
@@ -390,9 +352,7 @@ def push_image(
         }
         config_bytes = _json_bytes(config)
         config_digest = _digest(config_bytes)
-        push_blob(
-            client, reference, config_digest, len(config_bytes), functools.partial(io.BytesIO, config_bytes)
-        )
+        uploader.upload_bytes(config_digest, config_bytes)
         manifest: dict[str, Any] = {
             "schemaVersion": 2,
             "mediaType": manifest_type,

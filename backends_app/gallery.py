@@ -295,15 +295,21 @@ def check_web_url(url: str, file_roots: Sequence[str | os.PathLike[str]]) -> str
 
 
 def _confined_path(path: Path, roots: Sequence[str | os.PathLike[str]], url: str) -> Path:
-    real = Path(os.path.realpath(path))
+    # Both the path as written and the path with symlinks followed must be under the same root:
+    # the first makes the answer for any path elsewhere independent of what exists there, the
+    # second refuses a link under the root that leads out of it.
+    written, real = Path(os.path.abspath(path)), Path(os.path.realpath(path))
     for root in roots:
-        base = Path(os.path.realpath(root))
-        if real == base or base in real.parents:
+        if _within(written, Path(os.path.abspath(root))) and _within(real, Path(os.path.realpath(root))):
             return real
     if not roots:
         raise GalleryError(f"gallery URL {url!r}: file:// galleries cannot be set through the web here")
     allowed = ", ".join(str(root) for root in roots)
     raise GalleryError(f"gallery URL {url!r}: file:// galleries set through the web must be under {allowed}")
+
+
+def _within(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
 
 
 def _forbidden_address(address: str) -> bool:
@@ -714,13 +720,15 @@ class _IndexReader:
         if isinstance(event, StreamEndEvent):
             raise GalleryError(f"{self.where}the document is empty; expected a list of backend entries")
         event = next_event()  # the document's root, after its start
-        if not isinstance(event, SequenceStartEvent) or isinstance(event, AliasEvent):
+        if not isinstance(event, SequenceStartEvent):
             if isinstance(event, ScalarEvent) and event.value == "" and event.tag is None:
                 raise GalleryError(f"{self.where}the document is empty; expected a list of backend entries")
             kind = "a mapping" if isinstance(event, MappingStartEvent) else "a single value"
             raise GalleryError(
                 f"{self.where}the top level is {kind}; a gallery index is a YAML list of backend entries"
             )
+        if event.tag not in (None, "!", _SEQ_TAG):
+            raise self._unsupported(event.tag, event)
         self._count(event)
         index = 0
         while not isinstance(event := next_event(), SequenceEndEvent):

@@ -101,10 +101,6 @@ class Gallery(models.Model):
     def is_file(self) -> bool:
         return self.url.lower().startswith("file:")
 
-    def check_web_url(self) -> None:
-        """Raise GalleryError if this URL may not be set through the web (see gallery.check_web_url)."""
-        gallery_index.check_web_url(self.url_with_credentials or self.url, settings.PORTAL_GALLERY_FILE_ROOTS)
-
     def sync(self, *, force: bool = False) -> SyncResult:
         """Fetch and store the index. A failure changes no backend and is recorded on the gallery.
 

@@ -115,6 +115,22 @@ def test_a_symlink_leading_out_of_the_allowed_directories_is_refused(api: Any, r
         assert "must be under" in response.json()["url"][0]
 
 
+def test_a_path_outside_is_refused_even_when_it_links_into_the_allowed_directories(
+    api: Any, roots: Path
+) -> None:
+    """The answer for a path elsewhere never depends on what is there."""
+    (roots / "index.yaml").write_text(INDEX)
+    (roots.parent / "outside" / "in.yaml").symlink_to(roots / "index.yaml")
+
+    response = api.post(
+        "/api/galleries/",
+        {"name": "probe", "url": (roots.parent / "outside" / "in.yaml").as_uri()},
+        format="json",
+    )
+
+    assert response.status_code == 400 and "must be under" in response.json()["url"][0]
+
+
 def test_a_file_swapped_for_a_symlink_after_it_was_set_is_not_read(api: Any, roots: Path) -> None:
     index = roots / "index.yaml"
     index.write_text(INDEX)

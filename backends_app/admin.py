@@ -13,14 +13,17 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from django import forms
+from django.conf import settings
 from django.contrib import admin, messages
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
 from django.template.defaultfilters import filesizeformat
 from django.urls import URLPattern, path, reverse
 from django.utils.html import format_html, format_html_join
 
+from backends_app import gallery as gallery_index
 from backends_app import permissions
 from backends_app.models import (
     Backend,
@@ -86,12 +89,42 @@ class ReadOnlyAdmin(admin.ModelAdmin):
         return False
 
 
+class GalleryForm(forms.ModelForm):
+    """The gallery's URL as the web may set it (see `gallery.check_web_url`), credentials apart."""
+
+    forget_credentials = forms.BooleanField(
+        required=False, help_text="Drop the user, password and query values kept for this URL."
+    )
+
+    class Meta:
+        model = Gallery
+        fields = ("name", "url", "enabled")
+
+    def clean_url(self) -> str:
+        url = str(self.cleaned_data["url"]).strip()
+        if "url" in self.changed_data:
+            try:
+                gallery_index.check_web_url(url, settings.PORTAL_GALLERY_FILE_ROOTS)
+            except gallery_index.GalleryError as exc:
+                raise ValidationError(str(exc)) from exc
+        return url
+
+
 @admin.register(Gallery)
 class GalleryAdmin(RefuseHiddenActions):
-    list_display = ("name", "url", "enabled", "entry_count", "last_synced_at", "last_error")
+    form = GalleryForm
+    list_display = ("name", "url", "credentials", "enabled", "entry_count", "last_synced_at", "last_error")
     list_filter = ("enabled",)
     search_fields = ("name", "url")
-    readonly_fields = ("etag", "last_synced_at", "last_attempt_at", "last_error", "entry_count")
+    readonly_fields = (
+        "credentials",
+        "set_through_web",
+        "etag",
+        "last_synced_at",
+        "last_attempt_at",
+        "last_error",
+        "entry_count",
+    )
     actions = ("sync_now",)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
@@ -99,6 +132,17 @@ class GalleryAdmin(RefuseHiddenActions):
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return permissions.can(request.user, permissions.CHANGE_GALLERY)
+
+    @admin.display(boolean=True, description="credentials kept")
+    def credentials(self, gallery: Gallery) -> bool:
+        return gallery.has_credentials
+
+    def save_model(self, request: HttpRequest, obj: Gallery, form: Any, change: bool) -> None:
+        if "url" in form.changed_data:
+            obj.set_through_web = True
+        if form.cleaned_data.get("forget_credentials"):
+            obj.forget_credentials()
+        super().save_model(request, obj, form, change)
 
     @admin.action(description="Sync selected galleries now", permissions=["change"])
     def sync_now(self, request: HttpRequest, queryset: QuerySet[Gallery]) -> None:

@@ -7,6 +7,8 @@ the API, the commands and the tasks call the same verbs.
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -14,12 +16,14 @@ from typing import Any, ClassVar
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
-from django.db import IntegrityError, models, transaction
+from django.db import IntegrityError, connections, models, transaction
 from django.db.models import Prefetch, Q
 from django.dispatch import Signal
 from django.utils import timezone
 
 from backends_app import gallery as gallery_index
+
+log = logging.getLogger(__name__)
 
 #: Sent after a job's row changed (`job` the instance, `fields` the names written). The live pages
 #: subscribe in `BackendsAppConfig.ready`; the models never import an entry point.
@@ -27,6 +31,11 @@ job_changed = Signal()
 
 # A node is online while its heartbeat is younger than this.
 HEARTBEAT_TIMEOUT = dt.timedelta(seconds=90)
+# Gallery entries stored per transaction: each holds SQLite's write lock for tens of milliseconds.
+SYNC_BATCH = 500
+# Seconds a sync leaves SQLite's write lock free between two batches: a little more than the
+# longest interval at which SQLite's busy handler retries (100 ms), so a waiting writer gets in.
+SQLITE_WRITER_PAUSE = 0.11
 
 
 class OperationRefused(Exception):
@@ -39,18 +48,32 @@ class OperationRefused(Exception):
 
 
 class Gallery(models.Model):
-    """A LocalAI backend gallery index the portal follows."""
+    """A LocalAI backend gallery index the portal follows.
+
+    `url` never carries credentials: a URL given with a user, a password or query values is split
+    on save, `url` keeping the shareable part (`gallery.public_url`) and `url_with_credentials`
+    the whole, which only the fetch reads. Saving a URL whose shareable part is unchanged keeps
+    the credentials (the admin shows the shareable part and gets it back); any other URL replaces
+    them. `set_through_web` marks a URL that came from the API or the admin: its fetch is confined
+    (see `gallery.check_web_url`) and its failures are told without the document's content.
+    """
 
     name = models.SlugField(max_length=100, unique=True)
     url = models.CharField(
-        max_length=1000, help_text="https://..., file:///path or github:owner/repo/path@branch"
+        max_length=1000,
+        help_text="https://..., file:///path or github:owner/repo/path@branch. A user, password or "
+        "query values given here are kept apart and never shown again.",
     )
+    url_with_credentials = models.CharField(max_length=2000, blank=True, editable=False)
+    set_through_web = models.BooleanField(default=False, editable=False)
     enabled = models.BooleanField(default=True)
     etag = models.CharField(max_length=500, blank=True, editable=False)
     last_synced_at = models.DateTimeField(null=True, blank=True, editable=False)
     last_attempt_at = models.DateTimeField(null=True, blank=True, editable=False)
     last_error = models.TextField(blank=True, editable=False)
     entry_count = models.PositiveIntegerField(default=0, editable=False)
+    # Each sync that stores an index takes the next number; one that finds a newer number stops.
+    sync_generation = models.PositiveBigIntegerField(default=0, editable=False)
 
     class Meta:
         verbose_name_plural = "galleries"
@@ -59,35 +82,130 @@ class Gallery(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        self._keep_credentials_apart()
+        super().save(*args, **kwargs)
+
+    def _keep_credentials_apart(self) -> None:
+        given = (self.url or "").strip()
+        shown = gallery_index.public_url(given)
+        if shown != given:
+            self.url, self.url_with_credentials = shown, given
+        else:
+            self.url = given
+            if self.url_with_credentials and gallery_index.public_url(self.url_with_credentials) != given:
+                self.url_with_credentials = ""
+
+    @property
+    def has_credentials(self) -> bool:
+        return bool(self.url_with_credentials)
+
+    def forget_credentials(self) -> None:
+        self.url_with_credentials = ""
+
+    @property
+    def is_file(self) -> bool:
+        return self.url.lower().startswith("file:")
+
     def sync(self, *, force: bool = False) -> SyncResult:
         """Fetch and store the index. A failure changes no backend and is recorded on the gallery.
 
-        `force` ignores the stored ETag, so the index is fetched and compared again.
+        `force` ignores the stored ETag, so the index is fetched and compared again. The index is
+        parsed whole first (any invalid entry refuses it all), then stored in short transactions
+        (`Backend.objects.store_entries`) so the database stays writable for everyone else.
         """
         now = timezone.now()
+        confined = settings.PORTAL_GALLERY_FILE_ROOTS if self.set_through_web else None
         try:
             fetched = gallery_index.fetch(
-                self.url, etag="" if force else self.etag, timeout=settings.PORTAL_GALLERY_TIMEOUT
+                self.url_with_credentials or self.url,
+                etag="" if force else self.etag,
+                timeout=settings.PORTAL_GALLERY_TIMEOUT,
+                max_bytes=settings.PORTAL_GALLERY_MAX_BYTES,
+                confined_to=confined,
             )
-            entries = None if fetched.not_modified else gallery_index.parse(fetched.text or "", self.url)
+            if fetched.not_modified:
+                Gallery.objects.filter(pk=self.pk).update(
+                    last_attempt_at=now, last_synced_at=now, last_error=""
+                )
+                self.refresh_from_db()
+                return SyncResult(gallery=self.name, not_modified=True, total=self.entry_count)
         except gallery_index.GalleryError as exc:
-            Gallery.objects.filter(pk=self.pk).update(last_attempt_at=now, last_error=str(exc))
-            self.refresh_from_db()
-            return SyncResult(gallery=self.name, error=str(exc))
-        if entries is None:
-            Gallery.objects.filter(pk=self.pk).update(last_attempt_at=now, last_synced_at=now, last_error="")
-            self.refresh_from_db()
-            return SyncResult(gallery=self.name, not_modified=True, total=self.entry_count)
-        with transaction.atomic():
-            result = Backend.objects.store_entries(self, entries)
-            self.etag = fetched.etag
-            self.last_synced_at = self.last_attempt_at = now
-            self.last_error = ""
-            self.entry_count = len(entries)
-            self.save(
-                update_fields=["etag", "last_synced_at", "last_attempt_at", "last_error", "entry_count"]
+            return self._failed(exc, now, parsing=False)
+        try:
+            entries = gallery_index.parse(
+                fetched.text or "",
+                self.url,
+                max_entries=settings.PORTAL_GALLERY_MAX_ENTRIES,
+                max_nodes=settings.PORTAL_GALLERY_MAX_NODES,
             )
+        except gallery_index.GalleryError as exc:
+            return self._failed(exc, now, parsing=True)
+        etag = fetched.etag
+        del fetched  # the document's text; the entries hold what is needed
+        generation = self._begin_storing(now)
+        try:
+            result = Backend.objects.store_entries(self, entries, generation=generation)
+            # Worked out before the last transaction, which then only writes: it marks what
+            # vanished, links the metas and records the index as complete, all or nothing.
+            vanished = Backend.objects.vanished(self, result.seen)
+            links = Backend.objects.meta_links(self)
+            with transaction.atomic():
+                self._still_current(generation)
+                Backend.objects.mark_gone(vanished)
+                Backend.objects.link_metas(links)
+                Gallery.objects.filter(pk=self.pk).update(
+                    etag=etag, last_synced_at=now, last_error="", entry_count=len(entries)
+                )
+            result.gone = len(vanished)
+        except SyncSuperseded as exc:
+            log.warning("gallery %s: %s", self.name, exc)
+            return SyncResult(gallery=self.name, error=str(exc))
+        self.refresh_from_db()
         return result
+
+    def _failed(self, exc: gallery_index.GalleryError, now: dt.datetime, *, parsing: bool) -> SyncResult:
+        """Record a failed fetch or parse. Logged in full; a URL set through the web gets a message
+        that tells nothing about the file or the document it found (see docs/galleries.md)."""
+        log.warning("gallery %s: sync failed: %s", self.name, exc)
+        message = str(exc)
+        if self.set_through_web and self.is_file:
+            message = (
+                f"gallery {self.url}: cannot be read as a gallery index from the web's side "
+                "(missing, unreadable, outside the allowed directories or invalid); the server log "
+                "has the details"
+            )
+        elif self.set_through_web and parsing and not exc.bound:
+            message = f"gallery {self.url}: not a valid gallery index; the server log has the details"
+        Gallery.objects.filter(pk=self.pk).update(last_attempt_at=now, last_error=message)
+        self.refresh_from_db()
+        return SyncResult(gallery=self.name, error=message)
+
+    def _begin_storing(self, now: dt.datetime) -> int:
+        """Take the next sync generation and clear the ETag, in one short transaction.
+
+        Until the last transaction of this sync commits, the stored rows may be part old, part
+        new; the empty ETag makes the next sync fetch and store everything again, whatever
+        happens to this one (killed, out of disk, overtaken by a newer sync).
+        """
+        with transaction.atomic():
+            Gallery.objects.filter(pk=self.pk).update(
+                sync_generation=models.F("sync_generation") + 1, etag="", last_attempt_at=now
+            )
+            return int(Gallery.objects.values_list("sync_generation", flat=True).get(pk=self.pk))
+
+    def _still_current(self, generation: int) -> None:
+        """Inside a transaction: lock this gallery's row, or raise if a newer sync took over."""
+        if not Gallery.objects.filter(pk=self.pk, sync_generation=generation).update(
+            sync_generation=generation
+        ):
+            raise SyncSuperseded(
+                f"a newer sync of gallery {self.name} took over; this one stopped without finishing"
+            )
+
+
+class SyncSuperseded(Exception):
+    """A newer sync of the same gallery started; the older one stops at its next transaction."""
 
 
 @dataclass
@@ -102,6 +220,8 @@ class SyncResult:
     updated: int = 0
     gone: int = 0
     duplicates: list[str] = field(default_factory=list)
+    # (name, occurrence) of every entry stored: what is not in it is gone.
+    seen: set[tuple[str, int]] = field(default_factory=set, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -219,25 +339,59 @@ class BackendQuerySet(models.QuerySet["Backend"]):
 
 
 class BackendManager(models.Manager.from_queryset(BackendQuerySet)):  # type: ignore[misc]
-    def store_entries(self, source: Gallery, entries: list[gallery_index.GalleryEntry]) -> SyncResult:
-        """Store a parsed index: create new rows, update changed ones, mark vanished ones gone.
+    def store_entries(
+        self, source: Gallery, entries: list[gallery_index.GalleryEntry], *, generation: int
+    ) -> SyncResult:
+        """Create new rows and update changed ones, SYNC_BATCH entries per transaction.
 
         A name's first occurrence wins (as LocalAI's lookup does); later duplicates are kept as rows
         with `occurrence` > 0 so the index is stored whole. Rows are compared field by field, so
-        storing the same index twice writes nothing.
+        storing the same index twice writes nothing. Each transaction first checks that sync
+        `generation` is still the gallery's newest (`SyncSuperseded` otherwise) and holds the
+        write lock for one batch only: SQLite has a single writer, and a whole index in one
+        transaction made every other writer wait past its busy timeout. Marking vanished rows
+        gone and linking metas wait for the sync's last transaction (`Gallery.sync`).
         """
         result = SyncResult(gallery=source.name, total=len(entries))
-        existing = {(b.name, b.occurrence): b for b in self.filter(gallery=source)}
-        seen: dict[str, int] = {}
+        occurrences: dict[str, int] = {}
+        for start in range(0, len(entries), SYNC_BATCH):
+            batch = []
+            for entry in entries[start : start + SYNC_BATCH]:
+                occurrence = occurrences.get(entry.name, 0)
+                occurrences[entry.name] = occurrence + 1
+                if occurrence:
+                    result.duplicates.append(entry.name)
+                batch.append((entry, occurrence))
+                result.seen.add((entry.name, occurrence))
+            # Compared outside the write transaction, so it holds the lock only to write.
+            to_create, to_update = self._compare_batch(source, batch)
+            if not to_create and not to_update:
+                continue  # nothing to write; the sync's last transaction checks the generation
+            with transaction.atomic():
+                source._still_current(generation)
+                self.bulk_create(to_create, batch_size=SYNC_BATCH)
+                if to_update:
+                    fields = [*Backend.ENTRY_FIELDS, "gone", "updated_at"]
+                    self.bulk_update(to_update, fields, batch_size=SYNC_BATCH)
+            result.created += len(to_create)
+            result.updated += len(to_update)
+            if connections[self.db].vendor == "sqlite" and start + SYNC_BATCH < len(entries):
+                # A waiting SQLite writer polls the lock every 100 ms at most (its busy handler);
+                # taking the lock again at once would starve it until the whole index is stored.
+                time.sleep(SQLITE_WRITER_PAUSE)
+        return result
+
+    def _compare_batch(
+        self, source: Gallery, batch: list[tuple[gallery_index.GalleryEntry, int]]
+    ) -> tuple[list[Backend], list[Backend]]:
+        """The rows to create and the rows to update for a batch of (entry, occurrence)."""
+        names = {entry.name for entry, _ in batch}
+        existing = {(b.name, b.occurrence): b for b in self.filter(gallery=source, name__in=names)}
         to_create: list[Backend] = []
         to_update: list[Backend] = []
-        for entry in entries:
-            occurrence = seen.get(entry.name, 0)
-            seen[entry.name] = occurrence + 1
-            if occurrence:
-                result.duplicates.append(entry.name)
+        for entry, occurrence in batch:
             values = Backend.values_from_entry(entry)
-            row = existing.pop((entry.name, occurrence), None)
+            row = existing.get((entry.name, occurrence))
             if row is None:
                 to_create.append(Backend(gallery=source, name=entry.name, occurrence=occurrence, **values))
                 continue
@@ -250,29 +404,39 @@ class BackendManager(models.Manager.from_queryset(BackendQuerySet)):  # type: ig
                     if key != "gone":
                         setattr(row, key, values[key])
                 to_update.append(row)
-        self.bulk_create(to_create, batch_size=500)
-        if to_update:
-            self.bulk_update(to_update, [*Backend.ENTRY_FIELDS, "gone", "updated_at"], batch_size=500)
-        vanished = [row.pk for row in existing.values() if not row.gone]
-        if vanished:
-            self.filter(pk__in=vanished).update(gone=True, updated_at=timezone.now())
-        result.created, result.updated, result.gone = len(to_create), len(to_update), len(vanished)
-        self._link_meta_backends(source)
-        return result
+        return to_create, to_update
 
-    def _link_meta_backends(self, source: Gallery) -> None:
-        """Point each meta entry at the concrete entry for this machine's capability."""
+    def vanished(self, source: Gallery, seen: set[tuple[str, int]]) -> list[int]:
+        """The gallery's rows not yet gone that the stored index no longer lists (a read)."""
+        present = self.filter(gallery=source, gone=False).values_list("pk", "name", "occurrence")
+        return [pk for pk, name, occurrence in present.iterator() if (name, occurrence) not in seen]
+
+    def mark_gone(self, pks: list[int]) -> None:
+        now = timezone.now()
+        for start in range(0, len(pks), SYNC_BATCH):
+            self.filter(pk__in=pks[start : start + SYNC_BATCH]).update(gone=True, updated_at=now)
+
+    def meta_links(self, source: Gallery) -> dict[int | None, list[int]]:
+        """The meta rows whose concrete entry for this machine's capability changed, by new target
+        (a read; `link_metas` writes it). Non-meta rows still linked are unlinked."""
         capability = gallery_index.detect_capability(settings.PORTAL_CAPABILITY)
-        rows = list(self.visible().filter(gallery=source))
-        by_name = {row.name: row for row in rows}
-        changed = []
-        for row in rows:
-            target = by_name.get(row.concrete_name_for(capability)) if row.is_meta else None
-            if row.resolves_to_id != (target.pk if target else None):
-                row.resolves_to = target
-                changed.append(row)
-        if changed:
-            self.bulk_update(changed, ["resolves_to"], batch_size=500)
+        visible = self.visible().filter(gallery=source)
+        by_name = dict(visible.values_list("name", "pk").iterator())
+        changes: dict[int | None, list[int]] = {}
+        rows = visible.filter(Q(is_meta=True) | Q(resolves_to__isnull=False))
+        for pk, is_meta, capabilities, current in rows.values_list(
+            "pk", "is_meta", "capabilities", "resolves_to_id"
+        ).iterator():
+            name = Backend(capabilities=capabilities).concrete_name_for(capability) if is_meta else ""
+            target = by_name.get(name)
+            if target != current:
+                changes.setdefault(target, []).append(pk)
+        return changes
+
+    def link_metas(self, changes: dict[int | None, list[int]]) -> None:
+        for target, pks in changes.items():
+            for start in range(0, len(pks), SYNC_BATCH):
+                self.filter(pk__in=pks[start : start + SYNC_BATCH]).update(resolves_to=target)
 
 
 class BackendState(models.TextChoices):

@@ -23,6 +23,7 @@ from pathlib import Path
 from django.db import transaction
 from django.utils import timezone
 
+from backends_app import gallery as gallery_index
 from backends_app import oci
 from backends_app.disk import fsops, layout
 from backends_app.disk.errors import LayoutError
@@ -257,7 +258,7 @@ def install_concrete(op: Operation, backend: Backend) -> str:
             layout.BackendMetadata(
                 name=name,
                 alias=backend.alias,
-                gallery_url=backend.gallery.url,
+                gallery_url=gallery_index.public_url(backend.gallery.url),  # never credentials
                 installed_at=layout.format_rfc3339(timezone.now()),
                 version=version,
                 uri=backend.uri,
@@ -411,7 +412,7 @@ def _write_meta(op: Operation, concrete: Backend) -> None:
         name=meta.name,
         alias=meta.alias,
         meta_backend_for=concrete.name,
-        gallery_url=meta.gallery.url,
+        gallery_url=gallery_index.public_url(meta.gallery.url),
         installed_at=layout.format_rfc3339(timezone.now()),
     )
     live = op.backends / meta.name
@@ -514,7 +515,9 @@ def uninstall(op: Operation) -> str:
 def _backend_for(metadata: layout.BackendMetadata | None, name: str) -> Backend | None:
     candidates = Backend.objects.visible().filter(name=name).select_related("gallery")
     if metadata and metadata.gallery_url:
-        exact = [b for b in candidates if b.gallery.url == metadata.gallery_url]
+        # Files written before credentials were kept apart may still carry them.
+        written = gallery_index.public_url(metadata.gallery_url)
+        exact = [b for b in candidates if b.gallery.url == written]
         if exact:
             return exact[0]
     return candidates.first()
@@ -588,7 +591,7 @@ def _upsert_row(
         "is_meta": meta.is_meta,
         "meta_backend_for": meta.meta_backend_for,
         "alias": meta.alias,
-        "gallery_url": meta.gallery_url,
+        "gallery_url": gallery_index.public_url(meta.gallery_url),
         "version": meta.version,
         "uri": meta.uri,
         "digest": meta.digest,

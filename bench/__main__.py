@@ -11,6 +11,7 @@ BENCHMARKS = [
     ["bench.bench_publish"],
     ["bench.bench_check"],
     ["bench.bench_fleet"],
+    ["bench.bench_gallery"],
     ["bench.bench_netproxy"],
     ["bench.bench_pull", "--size-mib", "256", "--via-proxy", LINK],
     ["bench.bench_check", "--backends", "300", "--rounds", "3", "--via-proxy", LINK],

@@ -6,6 +6,7 @@ django-q2 ORM broker and a backends directory under the data folder.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import secrets
@@ -47,8 +48,21 @@ def env_list(name: str, default: str = "") -> list[str]:
 # Misconfigurations found while reading the environment; backends_app.checks reports them.
 INVALID_SETTINGS: list[str] = []
 
+
+def _private(path: Path, mode: int) -> None:
+    """Narrow an existing file or directory of ours to `mode`; leave other owners' paths alone."""
+    try:
+        info = path.stat()
+        if info.st_uid == os.geteuid() and info.st_mode & 0o777 != mode:
+            path.chmod(mode)
+    except FileNotFoundError:
+        pass
+
+
 DATA_DIR = Path(env_str("PORTAL_DATA_DIR", str(BASE_DIR / "data"))).resolve()
-DATA_DIR.mkdir(parents=True, exist_ok=True)
+# 0700: the database, the secret key, sessions, API tokens and gallery credentials live here.
+DATA_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+_private(DATA_DIR, 0o700)
 
 
 def _secret_key() -> str:
@@ -155,6 +169,23 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     }
     # A file, not memory, so the processes a test starts (workers, commands) share its database.
     DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test-portal.sqlite3")}
+
+
+def _private_sqlite(name: str) -> None:
+    """Create the SQLite file 0600 before SQLite does (it would make it 0644), and narrow one made
+    earlier. SQLite gives its -wal and -shm files the database file's mode."""
+    if not name or name == ":memory:" or name.startswith("file:"):
+        return
+    path = Path(name)
+    if path.parent.is_dir() and not path.exists():
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    for candidate in (path, Path(f"{path}-wal"), Path(f"{path}-shm"), Path(f"{path}-journal")):
+        _private(candidate, 0o600)
+
+
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    _private_sqlite(str(DATABASES["default"]["NAME"]))
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -293,11 +324,35 @@ PORTAL_GALLERY_TIMEOUT = env_int("PORTAL_GALLERY_TIMEOUT", 30)
 PORTAL_HEARTBEAT_INTERVAL = env_int("PORTAL_HEARTBEAT_INTERVAL", 30)
 PORTAL_SHUTDOWN_GRACE = env_int("PORTAL_SHUTDOWN_GRACE", 30)
 
+
+# Bounds on a gallery document (docs/galleries.md): its size, its entries, and its YAML nodes once
+# each alias counts as what it repeats (what parsing costs in time and memory).
+def env_positive(name: str, default: int) -> int:
+    value = env_int(name, default)
+    if value < 1:
+        INVALID_SETTINGS.append(f"{name}={value} must be at least 1")
+        return default
+    return value
+
+
+PORTAL_GALLERY_MAX_BYTES = env_positive("PORTAL_GALLERY_MAX_BYTES", 32 * 1024 * 1024)
+PORTAL_GALLERY_MAX_ENTRIES = env_positive("PORTAL_GALLERY_MAX_ENTRIES", 50_000)
+PORTAL_GALLERY_MAX_NODES = env_positive("PORTAL_GALLERY_MAX_NODES", 2_500_000)
+# Where file:// galleries set through the API or the admin may be read from; the command line and
+# PORTAL_GALLERIES may name any file.
+PORTAL_GALLERY_FILE_ROOTS = [
+    Path(item).resolve() for item in env_list("PORTAL_GALLERY_FILE_ROOTS", str(DATA_DIR))
+]
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_str("PORTAL_LOG_LEVEL", "INFO")},
-    "loggers": {"django.db.backends": {"level": "WARNING"}},
+    "loggers": {
+        "django.db.backends": {"level": "WARNING"},
+        # Its DEBUG lines carry whole request URLs, a gallery's ?token=... included.
+        "urllib3.connectionpool": {"level": "INFO"},
+    },
 }

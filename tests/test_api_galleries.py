@@ -45,6 +45,7 @@ def test_galleries_are_listed_with_their_sync_state(api: Any) -> None:
     assert body["results"][0] == {
         "name": "mine",
         "url": "file:///srv/index.yaml",
+        "has_credentials": False,
         "enabled": True,
         "entry_count": 3,
         "last_synced_at": None,
@@ -63,11 +64,14 @@ def test_galleries_are_listed_with_their_sync_state(api: Any) -> None:
         "github:me/repo/backend/index.yaml@dev",
     ],
 )
-def test_a_gallery_with_a_supported_url_is_created(api: Any, url: str) -> None:
+def test_a_gallery_with_a_supported_url_is_created(api: Any, url: str, settings: Any) -> None:
+    settings.PORTAL_GALLERY_FILE_ROOTS = [Path("/srv/galleries")]
+
     response = api.post("/api/galleries/", {"name": "new", "url": url}, format="json")
 
     assert response.status_code == 201, response.json()
-    assert Gallery.objects.get(name="new").url == url
+    created = Gallery.objects.get(name="new")
+    assert created.url == url and created.set_through_web
 
 
 @pytest.mark.parametrize(

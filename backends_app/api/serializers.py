@@ -6,6 +6,7 @@ import datetime as dt
 import re
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.core.validators import ProhibitNullCharactersValidator
 from drf_spectacular.utils import extend_schema_field
@@ -431,13 +432,23 @@ class PortalSettingsSerializer(JsonBodySerializer, serializers.ModelSerializer):
 
 
 class GallerySerializer(JsonBodySerializer, serializers.ModelSerializer):
-    """A gallery index the portal follows. Only name, url and enabled are written."""
+    """A gallery index the portal follows. Only name, url and enabled are written.
+
+    `url` is answered without credentials; `has_credentials` says whether some are kept apart.
+    A URL set here may not reach this machine: file:// only under PORTAL_GALLERY_FILE_ROOTS, no
+    loopback or link-local host (docs/galleries.md).
+    """
+
+    has_credentials = serializers.BooleanField(
+        read_only=True, help_text="A user, password or query values were given with the URL; never shown."
+    )
 
     class Meta:
         model = Gallery
         fields = [
             "name",
             "url",
+            "has_credentials",
             "enabled",
             "entry_count",
             "last_synced_at",
@@ -448,10 +459,13 @@ class GallerySerializer(JsonBodySerializer, serializers.ModelSerializer):
 
     def validate_url(self, value: str) -> str:
         try:
-            gallery_index.resolve_url(value)
+            gallery_index.check_web_url(value, settings.PORTAL_GALLERY_FILE_ROOTS)
         except gallery_index.GalleryError as exc:
             raise serializers.ValidationError(str(exc)) from exc
         return value.strip()
+
+    def create(self, validated_data: dict[str, Any]) -> Gallery:
+        return super().create({**validated_data, "set_through_web": True})
 
 
 class SyncRequestSerializer(JsonBodySerializer):

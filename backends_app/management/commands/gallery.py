@@ -32,8 +32,12 @@ class Command(BaseCommand):
             gallery_index.resolve_url(url)
         except gallery_index.GalleryError as exc:
             raise CommandError(str(exc)) from exc
-        _, created = Gallery.objects.update_or_create(name=name, defaults={"url": url})
-        self.stdout.write(f"{'added' if created else 'updated'} gallery {name}: {url}")
+        # From the command line any file or host may be named: the fetch is not confined.
+        source, created = Gallery.objects.update_or_create(
+            name=name, defaults={"url": url, "set_through_web": False}
+        )
+        kept = " (credentials kept apart)" if source.has_credentials else ""
+        self.stdout.write(f"{'added' if created else 'updated'} gallery {name}: {source.url}{kept}")
         if sync:
             self.handle_sync(names=[name], force=True)
 

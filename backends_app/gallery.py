@@ -608,7 +608,7 @@ _SCALAR_TAGS = frozenset(
     }
 )
 # Entry names become directory names under the backends path, and the portal derives its own file
-# names from them (backends_app/layout.py): the journal's `<name>.json`, `<name>.lock` and its
+# names from them (backends_app/disk/): the journal's `<name>.json`, `<name>.lock` and its
 # temporary `.<name>.json.XXXXXXXX.tmp` (19 bytes more than the name, the longest today), the trash
 # slot `<name>.<12 hex digits>`. Filesystems allow 255 bytes per name: 200 leaves room for all of
 # them and for suffixes added later.

@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 
-from backends_app import gallery, layout
+from backends_app import gallery
+from backends_app.disk import layout
+from backends_app.disk.journal import Journal
 from backends_app.gallery import GalleryError
 from backends_app.models import Backend, Gallery
 
@@ -160,7 +162,7 @@ def test_a_name_at_the_byte_bound_fits_every_file_the_portal_makes_from_it(tmp_p
     state.ensure()
     live = tmp_path / "backends" / name
     live.mkdir(parents=True)
-    journal = layout.Journal(state.journal_path)
+    journal = Journal(state.journal_path)
 
     journal.begin("install", name, 1, live=live, staging=state.staging(name, "job-1"))
     journal.advance(name, "downloaded")

@@ -25,11 +25,11 @@ from django.core.management import call_command
 from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 
-from backends_app import layout
+from backends_app.disk import layout
 from backends_app.models import Gallery, InstalledVersion, JobKind, JobStatus, Node
 from backends_app.procedure import record_disk_state
 from tests.conftest import REPO, run_op
-from tests.test_api_support import client_for, make_user
+from tests.helpers.api import client_for, make_user
 
 USER, PASSWORD, TOKEN = "alice", "s3cret-pw-9911", "t0ken-8822"
 SECRETS = (PASSWORD, TOKEN, f"{USER}:")

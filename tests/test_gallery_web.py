@@ -19,7 +19,7 @@ from django.core.management import call_command
 
 from backends_app.models import Backend, Gallery
 from backends_app.signals import seed_defaults
-from tests.test_api_support import client_for, make_user
+from tests.helpers.api import client_for, make_user
 
 pytestmark = pytest.mark.django_db
 

@@ -9,7 +9,7 @@ def keep_credentials_apart(apps, schema_editor):
     not name may have come from the web: it is treated as such (its fetch is confined) until it
     is added again from the command line."""
     from backends_app import gallery as gallery_index
-    from backends_app.checks import configured_galleries
+    from backends_app.system_checks import configured_galleries
 
     try:
         configured = set(configured_galleries())

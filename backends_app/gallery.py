@@ -8,7 +8,6 @@ validated `GalleryEntry` objects (`parse`), a meta entry into the concrete entry
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import ipaddress
 import math
@@ -42,6 +41,8 @@ from yaml.events import (
     StreamEndEvent,
 )
 from yaml.nodes import ScalarNode
+
+from backends_app.http_retry import retry_after_seconds
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -498,7 +499,7 @@ def _fetch_http(
                 raise GalleryError(
                     f"gallery {shown} answered HTTP {response.status_code} {response.reason or ''}".rstrip(),
                     status=response.status_code,
-                    retry_after=_retry_after(response.headers.get("Retry-After", "")),
+                    retry_after=retry_after_seconds(response.headers.get("Retry-After")),
                 )
             declared = response.headers.get("Content-Length", "")
             if declared.isdigit() and int(declared) > max_bytes:
@@ -552,19 +553,6 @@ def _reason(exc: BaseException) -> str:
     text = str(current) if current is not None else str(exc)
     # urllib3 prefixes "<urllib3.connection.HTTPConnection object at 0x...>: ".
     return re.sub(r"^<[^>]*object at 0x[0-9a-f]+>:\s*", "", text) or type(exc).__name__
-
-
-def _retry_after(value: str) -> float | None:
-    value = value.strip()
-    if not value:
-        return None
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def _decode(data: bytes, where: str) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from backends_app.http_retry import retry_after_seconds as parse_retry_after
 from backends_app.oci import (
     InvalidReference,
     OCIError,
@@ -20,7 +21,6 @@ from backends_app.oci import (
     parse_reference,
 )
 from backends_app.oci.auth import load_auth_file, parse_challenge
-from backends_app.oci.client import parse_retry_after
 from backends_app.oci.manifest import select_platform
 
 DIGEST = "sha256:" + "ab" * 32

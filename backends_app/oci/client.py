@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import email.utils
 import functools
 import hashlib
 import ipaddress
@@ -56,6 +55,7 @@ import requests
 import urllib3
 
 from backends_app.disk.fsops import tree_size
+from backends_app.http_retry import retry_after_seconds
 
 from . import auth
 from .errors import (
@@ -221,20 +221,6 @@ def _strip_port(host: str) -> str:
     if host.count(":") == 1:
         return host.rsplit(":", 1)[0]
     return host
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date), or None."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 def _registry_error(response: requests.Response) -> str:
@@ -682,7 +668,7 @@ class RegistryClient:
                 authenticated_now = True
                 continue
             if status == 429 or status in _RETRY_STATUSES:
-                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                retry_after = retry_after_seconds(response.headers.get("Retry-After"))
                 response.close()
                 if retry_after is not None and retry_after > self.config.max_retry_wait:
                     raise RegistryUnavailable(

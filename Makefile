@@ -45,6 +45,7 @@ test-deps: test-venv system-deps
 lint: test-venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 test: test-deps lint
 	$(PY) manage.py check --fail-level WARNING

@@ -300,9 +300,8 @@ def galleries_failing() -> int:
 
 def tick(now: dt.datetime | None = None) -> str:
     """The notification task: record what the state shows, then deliver what is due."""
-    now = now or timezone.now()
     made = watch(now)
-    return f"{made} new event(s); {deliver(now)}"
+    return f"{made} new event(s); {deliver(now)}"  # a fresh `now`: the events just recorded are due
 
 
 def deliver(now: dt.datetime | None = None) -> str:

@@ -11,7 +11,8 @@ The URLs hold secrets (tokens in the path, passwords in the user part), so:
 * only `masked(url)` is meant to be shown: scheme and host as Apprise masks them, nothing of the path
   or the query;
 * Apprise's own log, which prints whole URLs at debug level, never reaches the portal's log: its logger
-  stops propagating here (its messages are still read, per attempt, from Apprise's results);
+  stops propagating here (its messages are still read, per attempt, from Apprise's results); nor do
+  urllib3's debug lines, which print request paths;
 * error texts have every part of the URL that the mask hides replaced by ``****``;
 * Apprise keeps nothing on disk (``storage_mode="memory"``).
 """
@@ -51,6 +52,11 @@ def _keep_apprise_out_of_the_log() -> None:
     if not any(isinstance(handler, logging.NullHandler) for handler in logger.handlers):
         logger.addHandler(logging.NullHandler())
     logger.setLevel(logging.DEBUG)
+    # urllib3 (under requests, under Apprise's plugins) logs each request's path at debug level, and
+    # webhook tokens live there: its debug lines stay out of the log whatever PORTAL_LOG_LEVEL says.
+    http = logging.getLogger("urllib3")
+    if http.level < logging.INFO:
+        http.setLevel(logging.INFO)
 
 
 _keep_apprise_out_of_the_log()

@@ -385,6 +385,8 @@ def settings_user(db: Any) -> Any:
 def test_send_test_reports_success_and_failure_per_url_in_the_api(
     receiver: Receiver, closed_port: int, settings_user: Any
 ) -> None:
+    none_yet = client_for(settings_user).post("/api/notification-targets/test/", {}, format="json")
+    assert none_yet.status_code == 409 and "No notification URL is enabled" in none_yet.json()["detail"]
     good = target(receiver.url(), "ops")
     bad = target(f"json://127.0.0.1:{closed_port}/hooks", "dead")
 

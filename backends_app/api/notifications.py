@@ -13,11 +13,12 @@ from django.db.models import QuerySet
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
     OpenApiExample,
+    OpenApiParameter,
     OpenApiResponse,
     extend_schema,
     extend_schema_view,
 )
-from rest_framework import mixins, serializers, status, viewsets
+from rest_framework import exceptions, mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
@@ -88,6 +89,8 @@ class TestResultsSerializer(serializers.Serializer):
     results = TestResultSerializer(many=True)
 
 
+TARGET_ID = OpenApiParameter("id", OpenApiTypes.INT, OpenApiParameter.PATH, description="The URL's id.")
+NOT_FOUND = OpenApiResponse(ErrorSerializer, description="No such notification URL.")
 URL_EXAMPLE = OpenApiExample(
     "A JSON webhook", value={"label": "ops", "url": "json://127.0.0.1:9/hooks/portal", "enabled": True}
 )
@@ -110,7 +113,11 @@ def test_response(targets: list[NotificationTarget]) -> Response:
 
 @extend_schema_view(
     list=extend_schema(summary="Notification URLs (masked)"),
-    retrieve=extend_schema(summary="One notification URL (masked)"),
+    retrieve=extend_schema(
+        summary="One notification URL (masked)",
+        parameters=[TARGET_ID],
+        responses={200: NotificationTargetSerializer, 404: NOT_FOUND},
+    ),
     create=extend_schema(
         summary="Add a notification URL",
         description="Checked with Apprise (scheme known, parts present), not contacted: use `test`.",
@@ -120,9 +127,12 @@ def test_response(targets: list[NotificationTarget]) -> Response:
     partial_update=extend_schema(
         summary="Change a notification URL",
         description="Only the fields sent change; `url` replaces the stored URL.",
-        responses={200: NotificationTargetSerializer, 400: OpenApiTypes.OBJECT},
+        parameters=[TARGET_ID],
+        responses={200: NotificationTargetSerializer, 400: OpenApiTypes.OBJECT, 404: NOT_FOUND},
     ),
-    destroy=extend_schema(summary="Remove a notification URL"),
+    destroy=extend_schema(
+        summary="Remove a notification URL", parameters=[TARGET_ID], responses={204: None, 404: NOT_FOUND}
+    ),
 )
 @extend_schema(tags=["notifications"])
 class NotificationTargetViewSet(
@@ -138,17 +148,31 @@ class NotificationTargetViewSet(
     serializer_class = NotificationTargetSerializer
     permission_classes = [SettingsOnly]
     http_method_names = ["get", "post", "patch", "delete", "head", "options"]
-    lookup_value_regex = r"[0-9]+"
+    lookup_value_regex = r"[^/]+"
 
     def get_queryset(self) -> QuerySet[NotificationTarget]:
         return NotificationTarget.objects.order_by("pk")
 
+    def get_object(self) -> NotificationTarget:
+        raw = self.kwargs["pk"]
+        found = None
+        if raw.isascii() and raw.isdigit() and len(raw) <= 18:
+            found = self.get_queryset().filter(pk=int(raw)).first()
+        if found is None:
+            raise exceptions.NotFound(f"no notification URL with id {raw!r}")
+        self.check_object_permissions(self.request, found)
+        return found
+
     @extend_schema(
         summary="Send a test message to every enabled URL",
+        operation_id="api_notification_targets_test_all",
         description="Sent now (at most PORTAL_NOTIFY_TEST_TIMEOUT seconds); the answer says, per URL, "
-        "whether it was delivered or why not. 400 when no URL is enabled.",
+        "whether it was delivered or why not. 409 when no URL is enabled.",
         request=EmptyBodySerializer,
-        responses={200: TestResultsSerializer, 400: OpenApiResponse(ErrorSerializer)},
+        responses={
+            200: TestResultsSerializer,
+            409: OpenApiResponse(ErrorSerializer, description="No URL is enabled."),
+        },
     )
     @action(detail=False, methods=["post"], url_path="test")
     def test_all(self, request: Request) -> Response:
@@ -157,15 +181,17 @@ class NotificationTargetViewSet(
         if not targets:
             return Response(
                 {"detail": "No notification URL is enabled: add one first."},
-                status=status.HTTP_400_BAD_REQUEST,
+                status=status.HTTP_409_CONFLICT,
             )
         return test_response(targets)
 
     @extend_schema(
         summary="Send a test message to this URL",
+        operation_id="api_notification_targets_test_one",
         description="Sent now, enabled or not; the answer says whether it was delivered or why not.",
+        parameters=[TARGET_ID],
         request=EmptyBodySerializer,
-        responses={200: TestResultsSerializer, 404: OpenApiResponse(ErrorSerializer)},
+        responses={200: TestResultsSerializer, 404: NOT_FOUND},
     )
     @action(detail=True, methods=["post"], url_path="test")
     def test_one(self, request: Request, pk: str) -> Response:

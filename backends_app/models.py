@@ -1149,9 +1149,7 @@ class NotificationTarget(models.Model):
                     clean = notify.check_url(url)
                 except notify.NotifyError:
                     continue  # reported by the system check, without the URL
-                target, created = cls.objects.get_or_create(
-                    url=clean, defaults={"label": "from PORTAL_NOTIFY_URLS"}
-                )
+                target, created = cls.objects.get_or_create(url=clean)
                 if created:
                     made.append(target)
             PortalSettings.objects.filter(pk=row.pk).update(notify_urls_seeded=True)

@@ -28,7 +28,16 @@ class NotificationTargetForm(forms.ModelForm):
     class Meta:
         model = NotificationTarget
         fields = ["label", "url"]
-        widgets = {"url": forms.TextInput(attrs={"autocomplete": "off", "spellcheck": "false"})}
+        widgets = {
+            "url": forms.TextInput(
+                attrs={
+                    "autocomplete": "off",
+                    "spellcheck": "false",
+                    "placeholder": "ntfys://...",
+                    "style": "display: block; width: 100%; max-width: 42rem",
+                }
+            )
+        }
 
 
 def card(user: Any) -> dict[str, Any]:

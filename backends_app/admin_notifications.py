@@ -65,7 +65,7 @@ def can_see(request: HttpRequest) -> bool:
 @admin.register(NotificationTarget)
 class NotificationTargetAdmin(admin.ModelAdmin):
     form = NotificationTargetForm
-    list_display = ("__str__", "label", "shown_url", "enabled", "last_delivery", "created_at")
+    list_display = ("shown_url", "label", "enabled", "last_delivery", "created_at")
     list_filter = ("enabled",)
     actions = ("send_test",)
 

@@ -486,3 +486,7 @@ class PortalSettingsAdmin(admin.ModelAdmin):
     def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> HttpResponseRedirect:
         row = PortalSettings.load()
         return HttpResponseRedirect(reverse("admin:backends_app_portalsettings_change", args=[row.pk]))
+
+
+# The notification URLs, events and deliveries register themselves there.
+from backends_app import admin_notifications  # noqa: E402, F401

@@ -11,10 +11,11 @@ class BackendsAppConfig(AppConfig):
     def ready(self) -> None:
         from django.db.models.signals import post_migrate
 
-        from backends_app import live, models, signals, system_checks
+        from backends_app import live, models, notifications, signals, system_checks
 
         del system_checks  # imported for its @register side effect
 
         post_migrate.connect(signals.seed_defaults, sender=self)
         models.job_changed.connect(live.job_changed, dispatch_uid="backends-live-job-pages")
+        models.job_changed.connect(notifications.job_changed, dispatch_uid="backends-notifications")
         signals.connect_scheduling(self)

@@ -7,6 +7,7 @@ the API, the commands and the tasks call the same verbs.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from django.dispatch import Signal
 from django.utils import timezone
 
 from backends_app import gallery as gallery_index
+from backends_app import notify
 
 log = logging.getLogger(__name__)
 
@@ -927,6 +929,9 @@ class PortalSettings(models.Model):
         default=30, validators=[MinValueValidator(1), MaxValueValidator(3600)]
     )
     last_check_at = models.DateTimeField(null=True, blank=True, editable=False)
+    notify_urls_seeded = models.BooleanField(
+        default=False, editable=False, help_text="PORTAL_NOTIFY_URLS has given the initial notification URLs."
+    )
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
@@ -1233,3 +1238,260 @@ class UpgradeJob(models.Model):
                 finished_at=timezone.now(),
                 percent=100.0,
             )
+
+
+# --- notifications (docs/notifications.md) --------------------------------------------------------
+
+
+class NotificationTarget(models.Model):
+    """Where notifications go: one Apprise URL. The URL holds secrets (tokens, passwords): it is shown
+    masked everywhere (`masked_url`) and only written, never read back, by the admin, the API and the
+    settings page."""
+
+    label = models.CharField(
+        max_length=100, blank=True, help_text="A name for people, e.g. \u201cops ntfy\u201d."
+    )
+    url = models.CharField(
+        "Apprise URL",
+        max_length=notify.MAX_URL_LENGTH,
+        help_text="e.g. ntfys://ntfy.sh/topic, slack://T../B../X.., "
+        "mailtos://user:pass@host?to=ops@example.com, jsons://hooks.example.com/path",
+    )
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering: ClassVar = ["pk"]
+        verbose_name = "notification URL"
+
+    def __str__(self) -> str:
+        return f"{self.label} ({self.masked_url})" if self.label else self.masked_url
+
+    @property
+    def masked_url(self) -> str:
+        return notify.masked(self.url)
+
+    def clean(self) -> None:
+        try:
+            self.url = notify.check_url(self.url)
+        except notify.NotifyError as exc:
+            raise ValidationError({"url": str(exc)}) from exc
+        if NotificationTarget.objects.exclude(pk=self.pk).filter(url=self.url).exists():
+            raise ValidationError({"url": "This URL is in the list already."})
+
+    @classmethod
+    def send_test(cls, targets: list[NotificationTarget]) -> list[tuple[NotificationTarget, notify.Outcome]]:
+        """Send a test message now to each target; what happened, per target (the "send test" button).
+
+        Runs in the caller's request, bounded by PORTAL_NOTIFY_TEST_TIMEOUT: the operator waits for
+        the answer. Events never go this way (the notification task sends them).
+        """
+        link = settings.PORTAL_BASE_URL.rstrip("/") + "/settings/"
+        outcomes = notify.send(
+            {str(target.pk): target.url for target in targets},
+            title="Backend Portal: test message",
+            body=f"This URL receives Backend Portal's notifications.\n{link}",
+            kind="info",
+            timeout=settings.PORTAL_NOTIFY_TEST_TIMEOUT,
+        )
+        return [(target, outcomes[str(target.pk)]) for target in targets]
+
+    @classmethod
+    def seed_from_settings(cls) -> list[NotificationTarget]:
+        """PORTAL_NOTIFY_URLS gives the initial list, once: the first time it is set. Afterwards the
+        stored list wins (a URL removed in the admin does not come back at the next start)."""
+        if not settings.PORTAL_NOTIFY_URLS:
+            return []
+        row = PortalSettings.load()
+        made: list[NotificationTarget] = []
+        with transaction.atomic():
+            if PortalSettings.objects.select_for_update().get(pk=row.pk).notify_urls_seeded:
+                return []
+            for url in settings.PORTAL_NOTIFY_URLS:
+                try:
+                    clean = notify.check_url(url)
+                except notify.NotifyError:
+                    continue  # reported by the system check, without the URL
+                target, created = cls.objects.get_or_create(url=clean)
+                if created:
+                    made.append(target)
+            PortalSettings.objects.filter(pk=row.pk).update(notify_urls_seeded=True)
+        return made
+
+
+class NotificationEvent(models.Model):
+    """Something operators are told about, recorded once: `key` is unique, so however many checks,
+    ticks, processes or replicas see the same thing, one row (and one message) comes of it."""
+
+    class Kind(models.TextChoices):
+        UPGRADE_AVAILABLE = "upgrade_available", "upgrade available"
+        OPERATION_FAILED = "operation_failed", "upgrade or rollback failed"
+        NODE_OFFLINE = "node_offline", "node offline"
+        DRIFT = "drift", "nodes drifted"
+        CHECK_FAILING = "check_failing", "check failing"
+        GALLERY_FAILING = "gallery_failing", "gallery cannot be synced"
+
+    KEY_LENGTH: ClassVar = 500
+
+    kind = models.CharField(max_length=20, choices=Kind.choices)
+    key = models.CharField(max_length=KEY_LENGTH, unique=True, help_text="What makes it the same event.")
+    severity = models.CharField(max_length=10, default="warning", help_text="info, warning or failure")
+    title = models.CharField(max_length=300, help_text="What happened.")
+    where = models.CharField(max_length=500, blank=True, help_text="The node(s).")
+    why = models.TextField(blank=True)
+    link = models.CharField(max_length=1000, blank=True)
+    backend = models.ForeignKey(Backend, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    node = models.ForeignKey(Node, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    job = models.ForeignKey(UpgradeJob, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    message = models.ForeignKey(
+        "NotificationMessage",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="events",
+        help_text="The message it went out in; empty while it waits for the digest window.",
+    )
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        ordering: ClassVar = ["-created_at", "-pk"]
+
+    def __str__(self) -> str:
+        return self.title
+
+    @classmethod
+    def record(
+        cls, kind: str, key: str, *, title: str, severity: str = "warning", **fields: Any
+    ) -> NotificationEvent | None:
+        """Record an event unless its key is known; the new row, or None when it was recorded before
+        (by this process or another: the unique key decides)."""
+        if len(key) > cls.KEY_LENGTH:
+            key = key[: cls.KEY_LENGTH - 65] + ":" + hashlib.sha256(key.encode()).hexdigest()
+        if cls.objects.filter(key=key).exists():
+            return None
+        values = {
+            "title": title[:300],
+            "where": str(fields.pop("where", ""))[:500],
+            "why": str(fields.pop("why", ""))[:4000],
+            "link": str(fields.pop("link", ""))[:1000],
+            **fields,
+        }
+        try:
+            with transaction.atomic():
+                return cls.objects.create(kind=kind, key=key, severity=severity, **values)
+        except IntegrityError:
+            return None
+
+    def text(self) -> str:
+        """The event as a message says it: what, where, why, link."""
+        lines = [self.title]
+        if self.where:
+            lines.append(f"Where: {self.where}")
+        if self.why:
+            lines.append(f"Why: {self.why}")
+        if self.link:
+            lines.append(self.link)
+        return "\n".join(lines)
+
+
+class NotificationMessage(models.Model):
+    """What went out for one event, or for several that arrived within the digest window (one message)."""
+
+    # A digest lists this many events in full; the rest are counted.
+    DIGEST_LIMIT: ClassVar = 30
+    SEVERITIES: ClassVar = ("info", "success", "warning", "failure")
+
+    title = models.CharField(max_length=300)
+    body = models.TextField()
+    severity = models.CharField(max_length=10, default="warning")
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        ordering: ClassVar = ["-created_at", "-pk"]
+
+    def __str__(self) -> str:
+        return self.title
+
+    @classmethod
+    def compose(cls, events: list[NotificationEvent], now: dt.datetime) -> NotificationMessage:
+        """One event goes as itself; several as one digest naming each."""
+        severity = max(
+            (e.severity for e in events),
+            key=lambda s: cls.SEVERITIES.index(s) if s in cls.SEVERITIES else 0,
+        )
+        if len(events) == 1:
+            return cls.objects.create(
+                title=events[0].title, body=events[0].text(), severity=severity, created_at=now
+            )
+        counts: dict[str, int] = {}
+        for event in events:
+            label = NotificationEvent.Kind(event.kind).label
+            counts[label] = counts.get(label, 0) + 1
+        summary = ", ".join(f"{count} {label}" for label, count in counts.items())
+        parts = [event.text() for event in events[: cls.DIGEST_LIMIT]]
+        if len(events) > cls.DIGEST_LIMIT:
+            parts.append(
+                f"... and {len(events) - cls.DIGEST_LIMIT} more: see the admin's notification events."
+            )
+        return cls.objects.create(
+            title=f"Backend Portal: {len(events)} events ({summary})"[:300],
+            body="\n\n".join(parts),
+            severity=severity,
+            created_at=now,
+        )
+
+
+class NotificationDelivery(models.Model):
+    """One message's delivery to one URL: its attempts, the last error, when it was delivered."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "pending"
+        SENDING = "sending", "sending"
+        RETRYING = "retrying", "failed, will retry"
+        DELIVERED = "delivered", "delivered"
+        FAILED = "failed", "failed"
+        UNKNOWN = "unknown", "unknown (timed out, not resent)"
+
+    WAITING: ClassVar = (Status.PENDING, Status.RETRYING)
+
+    message = models.ForeignKey(NotificationMessage, on_delete=models.CASCADE, related_name="deliveries")
+    target = models.ForeignKey(
+        NotificationTarget, null=True, blank=True, on_delete=models.SET_NULL, related_name="deliveries"
+    )
+    target_name = models.CharField(max_length=300, help_text="The URL, masked, when the message was made.")
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING, db_index=True)
+    attempts = models.PositiveIntegerField(default=0)
+    last_error = models.TextField(blank=True)
+    next_attempt_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    last_attempt_at = models.DateTimeField(null=True, blank=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering: ClassVar = ["-created_at", "-pk"]
+        verbose_name_plural = "notification deliveries"
+        constraints: ClassVar = [
+            models.UniqueConstraint(fields=["message", "target"], name="one_delivery_per_message_and_url"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.message} to {self.target_name}: {self.get_status_display()}"
+
+    def record_outcome(self, outcome: notify.Outcome, now: dt.datetime) -> None:
+        """After an attempt: delivered; unknown (a timeout: never resent); failed for good (after
+        PORTAL_NOTIFY_ATTEMPTS attempts, or a URL Apprise cannot use); or retried later, each wait
+        twice the one before (PORTAL_NOTIFY_RETRY_SECONDS, then doubling, at most an hour)."""
+        self.last_error = "" if outcome.ok else outcome.detail
+        self.next_attempt_at = None
+        if outcome.ok:
+            self.status, self.delivered_at = self.Status.DELIVERED, now
+        elif outcome.result is notify.Result.UNKNOWN:
+            self.status = self.Status.UNKNOWN
+        elif outcome.result is notify.Result.INVALID or self.attempts >= settings.PORTAL_NOTIFY_ATTEMPTS:
+            self.status = self.Status.FAILED
+        else:
+            self.status = self.Status.RETRYING
+            wait = min(settings.PORTAL_NOTIFY_RETRY_SECONDS * 2 ** max(self.attempts - 1, 0), 3600)
+            self.next_attempt_at = now + dt.timedelta(seconds=wait)
+        self.save(update_fields=["status", "last_error", "next_attempt_at", "delivered_at"])

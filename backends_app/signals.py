@@ -9,7 +9,7 @@ from backends_app.system_checks import configured_galleries
 
 def seed_defaults(**kwargs: Any) -> None:
     """Create the galleries named in PORTAL_GALLERIES that do not exist yet; never overwrite edits."""
-    from backends_app.models import Gallery, PortalSettings
+    from backends_app.models import Gallery, NotificationTarget, PortalSettings
 
     try:
         galleries = configured_galleries()
@@ -18,6 +18,7 @@ def seed_defaults(**kwargs: Any) -> None:
     for name, url in galleries:
         Gallery.objects.get_or_create(name=name, defaults={"url": url})
     PortalSettings.load()
+    NotificationTarget.seed_from_settings()
 
 
 def _schedule_table_ready() -> bool:
@@ -44,6 +45,14 @@ def ensure_check_schedule(**kwargs: Any) -> None:
         schedule.ensure_schedule()
 
 
+def ensure_notification_schedule(**kwargs: Any) -> None:
+    """After migrate: the notification task's schedule exists."""
+    from backends_app import notifications
+
+    if _schedule_table_ready():
+        notifications.ensure_schedule()
+
+
 def connect_scheduling(app_config: Any) -> None:
     """Wire the schedule's handlers (from AppConfig.ready; never schedules anything at import)."""
     from django.db.models.signals import post_migrate, post_save
@@ -52,3 +61,6 @@ def connect_scheduling(app_config: Any) -> None:
 
     post_save.connect(update_check_schedule, sender=PortalSettings, dispatch_uid="backends-check-schedule")
     post_migrate.connect(ensure_check_schedule, sender=app_config, dispatch_uid="backends-check-schedule")
+    post_migrate.connect(
+        ensure_notification_schedule, sender=app_config, dispatch_uid="backends-notification-schedule"
+    )

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 from django.conf import settings
 from django.core.checks import Error, Warning, register
 
+from backends_app import notify
 from backends_app.disk import layout
 
 
@@ -88,4 +90,27 @@ def portal_settings_check(app_configs: Any = None, **kwargs: Any) -> list[Error 
         )
     if settings.REDIS_URL and not settings.REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
         problems.append(Error(f"REDIS_URL={settings.REDIS_URL!r} is not a redis:// URL", id="portal.E009"))
+    return problems
+
+
+@register()
+def notification_settings_check(app_configs: Any = None, **kwargs: Any) -> list[Error | Warning]:
+    """PORTAL_NOTIFY_URLS and PORTAL_BASE_URL (docs/notifications.md). A bad URL is named by its
+    position, never repeated: it may hold a token."""
+    problems: list[Error | Warning] = []
+    for position, url in enumerate(settings.PORTAL_NOTIFY_URLS, start=1):
+        try:
+            notify.check_url(url)
+        except notify.NotifyError as exc:
+            problems.append(Error(f"PORTAL_NOTIFY_URLS item {position}: {exc}", id="portal.E030"))
+    base = urllib.parse.urlsplit(settings.PORTAL_BASE_URL)
+    if base.scheme not in ("http", "https") or not base.netloc or base.query or base.fragment:
+        problems.append(
+            Error(
+                f"PORTAL_BASE_URL={settings.PORTAL_BASE_URL!r} is not an http(s)://host[:port][/path] "
+                "address",
+                hint="Notification links start with it: the address operators open the portal at.",
+                id="portal.E031",
+            )
+        )
     return problems

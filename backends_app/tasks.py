@@ -34,3 +34,10 @@ def window_auto_upgrade() -> str:
     from backends_app import schedule
 
     return schedule.run_window_upgrade()
+
+
+def notifications_tick() -> str:
+    """Every minute (schedule "portal-notifications"): record what the state shows, send what is due."""
+    from backends_app import notifications
+
+    return notifications.tick()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from backends_app import views
+from backends_app import notification_views, views
 
 app_name = "ui"
 
@@ -17,6 +17,18 @@ urlpatterns = [
     path("jobs/<int:pk>/", views.job_page, name="job"),
     path("jobs/<int:pk>/cancel/", views.cancel_job, name="cancel-job"),
     path("settings/", views.settings_page, name="settings"),
+    path("settings/notifications/", notification_views.add_target, name="notification-add"),
+    path("settings/notifications/test/", notification_views.send_test, name="notification-test"),
+    path(
+        "settings/notifications/<int:pk>/remove/",
+        notification_views.remove_target,
+        name="notification-remove",
+    ),
+    path(
+        "settings/notifications/<int:pk>/toggle/",
+        notification_views.toggle_target,
+        name="notification-toggle",
+    ),
     path(
         "login/",
         auth_views.LoginView.as_view(

@@ -26,7 +26,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from backends_app import live, permissions
+from backends_app import live, notification_views, permissions
 from backends_app.models import (
     Backend,
     InstalledVersion,
@@ -354,6 +354,7 @@ def settings_page(request: HttpRequest) -> HttpResponse:
             "check_job": UpgradeJob.objects.filter(kind=JobKind.CHECK, status__in=JobStatus.ACTIVE).first(),
             "can_operate": can_operate(request.user),
             "time_zone": settings.TIME_ZONE,
+            "notifications": notification_views.card(request.user),
             "nav": "settings",
         },
     )

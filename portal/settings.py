@@ -344,6 +344,18 @@ PORTAL_GALLERY_FILE_ROOTS = [
     Path(item).resolve() for item in env_list("PORTAL_GALLERY_FILE_ROOTS", str(DATA_DIR))
 ]
 
+# Notifications (docs/notifications.md). PORTAL_NOTIFY_URLS gives the initial list of Apprise URLs;
+# afterwards the stored list (admin, settings page, API) wins. Links in messages start with
+# PORTAL_BASE_URL, the address operators reach the portal at.
+PORTAL_NOTIFY_URLS = env_list("PORTAL_NOTIFY_URLS")
+PORTAL_BASE_URL = env_str("PORTAL_BASE_URL", "http://127.0.0.1:8000").rstrip("/")
+PORTAL_NOTIFY_WINDOW = env_int("PORTAL_NOTIFY_WINDOW", 60)
+PORTAL_NOTIFY_CHECK_FAILURES = env_int("PORTAL_NOTIFY_CHECK_FAILURES", 3)
+PORTAL_NOTIFY_ATTEMPTS = env_int("PORTAL_NOTIFY_ATTEMPTS", 5)
+PORTAL_NOTIFY_RETRY_SECONDS = env_int("PORTAL_NOTIFY_RETRY_SECONDS", 60)
+PORTAL_NOTIFY_TIMEOUT = env_int("PORTAL_NOTIFY_TIMEOUT", 30)
+PORTAL_NOTIFY_TEST_TIMEOUT = env_int("PORTAL_NOTIFY_TEST_TIMEOUT", 10)
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

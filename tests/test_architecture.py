@@ -14,7 +14,7 @@ import pytest
 APP = Path(__file__).resolve().parents[1] / "backends_app"
 
 # Modules talking to one outside system: plain Python, no Django, no ORM, no models.
-OUTSIDE_SYSTEMS = ("backends_app.oci", "backends_app.gallery", "backends_app.disk")
+OUTSIDE_SYSTEMS = ("backends_app.oci", "backends_app.gallery", "backends_app.disk", "backends_app.notify")
 # Entry points: what users and schedulers call. The models are below all of them.
 ENTRY_POINTS = (
     "backends_app.admin",
@@ -28,6 +28,9 @@ ENTRY_POINTS = (
     "backends_app.schedule",
     "backends_app.procedure",
     "backends_app.detection",
+    "backends_app.notifications",
+    "backends_app.notification_views",
+    "backends_app.admin_notifications",
 )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.urls import path
 from rest_framework.routers import DefaultRouter
 
-from backends_app.api import schema, views
+from backends_app.api import notifications, schema, views
 
 del schema  # imported to register its OpenAPI extension
 
@@ -18,6 +18,9 @@ router.register("backends", views.BackendViewSet, basename="backend")
 router.register("upgrades", views.UpgradeViewSet, basename="upgrade")
 router.register("jobs", views.UpgradeJobViewSet, basename="job")
 router.register("galleries", views.GalleryViewSet, basename="gallery")
+router.register(
+    "notification-targets", notifications.NotificationTargetViewSet, basename="notification-target"
+)
 
 urlpatterns = [
     path("settings/", views.PortalSettingsView.as_view(), name="settings"),

@@ -167,6 +167,8 @@ LANGUAGE_CODE = "en-us"
 TIME_ZONE = env_str("PORTAL_TIME_ZONE", "UTC")
 USE_I18N = True
 USE_TZ = True
+# One date format everywhere (the admin, the pages, the job log): portal/formats/en/formats.py.
+FORMAT_MODULE_PATH = ["portal.formats"]
 
 STATIC_URL = "static/"
 STATIC_ROOT = DATA_DIR / "static"

@@ -93,7 +93,7 @@ SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = env_bool("PORTAL_SECURE_COOKIES", F
 SECURE_PROXY_SSL_HEADER = env_proxy_ssl_header("PORTAL_SECURE_PROXY_SSL_HEADER")
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    "backends_app.apps.PortalAdminConfig",  # django.contrib.admin with the portal's site
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",

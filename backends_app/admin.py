@@ -28,7 +28,7 @@ from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import PermissionDenied
 from django.db import connection
 from django.db.models import Count, Q, QuerySet
-from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.urls import URLPattern, path, reverse
 from django.utils.html import format_html, format_html_join
@@ -647,16 +647,17 @@ class BackendAdmin(OperateMixin):
             return HttpResponseNotAllowed(["POST"])
         if not self.has_operate_permission(request):
             raise PermissionDenied
+        if operation not in OPERATION_NAMES:
+            raise Http404("no such operation")
         backend = get_object_or_404(Backend.objects.with_installations(), pk=object_id)
         page = reverse("admin:backends_app_backend_change", args=[backend.pk])
         node_id = request.POST.get("node", "")
         offered, notes = backend_operations(backend)
         chosen = next((op for op in offered if op.key == f"{operation}:{node_id}"), None)
         if chosen is None:
-            why = " ".join(notes) or "the backend's state changed"
-            self.message_user(
-                request, f"{operation} is not possible on {backend.name} now: {why}", messages.ERROR
-            )
+            said = f"Nothing done: {backend.name} does not allow {operation} now"
+            said += f" ({' '.join(notes)})." if notes else "."
+            self.message_user(request, said, messages.ERROR)
             return HttpResponseRedirect(page)
         by = requested_by(request)
         if not chosen.queues_job:

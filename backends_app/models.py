@@ -1073,7 +1073,8 @@ class UpgradeJob(models.Model):
         )
         self.refresh_from_db()
         if started:
-            self.write_log([(JobMessage.Kind.STATUS, JobStatus.RUNNING.label)])
+            self.new_log_entries = self.write_log([(JobMessage.Kind.STATUS, JobStatus.RUNNING.label)])
+            job_changed.send(sender=UpgradeJob, job=self, fields=("status", "started_at", "log"))
         return bool(started)
 
     def set_phase(self, phase: str, message: str = "") -> None:
@@ -1111,9 +1112,13 @@ class UpgradeJob(models.Model):
             child.cancel(by)
         self.refresh_from_db()
         if cancelled:
-            self.write_log(JobMessage.cancelled(note))
+            self.new_log_entries = self.write_log(JobMessage.cancelled(note))
         elif asked:
-            self.write_log([(JobMessage.Kind.MESSAGE, f"{note}: stopping at the next safe point")])
+            self.new_log_entries = self.write_log(
+                [(JobMessage.Kind.MESSAGE, f"{note}: stopping at the next safe point")]
+            )
+        if cancelled or asked:
+            job_changed.send(sender=UpgradeJob, job=self, fields=("status", "message", "log"))
         if cancelled:
             UpgradeJob.settle_parent_of(self)
         return bool(cancelled) or self.cancel_requested

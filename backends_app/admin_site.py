@@ -17,6 +17,7 @@ from django.contrib import admin
 from django.db.models import Count, Q
 from django.http import HttpRequest
 from django.template.response import TemplateResponse
+from django.utils import timezone
 
 from backends_app import permissions
 from backends_app.models import (
@@ -67,8 +68,6 @@ class Dashboard:
     @classmethod
     def for_user(cls, user: Any, *, now: dt.datetime | None = None) -> Dashboard:
         """The dashboard as `user` may see it, in a fixed number of queries."""
-        from django.utils import timezone
-
         now = now or timezone.now()
         board = cls()
         operator = permissions.can(user, permissions.OPERATE)

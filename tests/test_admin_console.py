@@ -228,9 +228,13 @@ def test_the_dashboard_shows_what_needs_an_operator_each_item_linking_to_its_obj
     galleries = panel("galleries")
     assert f'<a href="/admin/backends_app/gallery/{broken.pk}/change/">broken</a>' in galleries
     assert "does not exist" in galleries
-    # Every link on the dashboard opens.
-    for href in set(re.findall(r'href="(/admin/[^"?]+)"', page)):
-        assert admin_client.get(href, follow=True).status_code == 200, href
+    # Every link on the dashboard opens, and the lists it links to show what it says.
+    for href in set(re.findall(r'href="(/admin/[^"]+)"', page)):
+        assert admin_client.get(href.replace("&amp;", "&"), follow=True).status_code == 200, href
+    all_failed = re.search(r'href="([^"]+)">All failed jobs', page)
+    assert all_failed
+    failures = admin_client.get(all_failed.group(1))
+    assert {job.pk for job in failures.context["cl"].result_list} == {failed.pk, rolled.pk, old.pk}
 
 
 def test_the_dashboard_costs_a_fixed_number_of_queries(admin_client: Client, alpha: Backend) -> None:

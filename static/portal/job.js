@@ -53,7 +53,10 @@
       };
       socket.onclose = () => {
         link.connected = false;
-        if (!link.active) return;
+        if (!link.active) {
+          onLink("closed");
+          return;
+        }
         onLink("reconnecting");
         setTimeout(connect, retryDelay);
         retryDelay = Math.min(retryDelay * 2, 10000);
@@ -181,7 +184,7 @@
       (what) => {
         live.connected = link.connected;
         if (what === "open") showLive(live.state.active ? "live" : "finished");
-        else showLive("reconnecting…");
+        else if (what === "reconnecting") showLive("reconnecting…");
       },
     );
   }

@@ -1,6 +1,16 @@
 from __future__ import annotations
 
 from django.apps import AppConfig
+from django.contrib.admin import apps as admin_apps
+
+
+class PortalAdminConfig(admin_apps.AdminConfig):
+    """Django's admin with the portal's own site (its header, favicon and dashboard): every model
+    registered with `admin.register`, ours and the libraries', lands on it. Named in INSTALLED_APPS
+    in place of django.contrib.admin."""
+
+    default = False  # this module's default configuration is BackendsAppConfig
+    default_site = "backends_app.admin_site.PortalAdminSite"
 
 
 class BackendsAppConfig(AppConfig):

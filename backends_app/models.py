@@ -674,6 +674,27 @@ class Backend(models.Model):
             return UpgradeJob.objects.filter(on_node, backend=self, status__in=JobStatus.ACTIVE).first()
         return next((job for job in jobs if job.node_id == node_id), None)
 
+    def rollback_target_on(self, node_id: int) -> InstalledVersion | None:
+        """The kept version a rollback on that node would put back, when that goes back.
+
+        The procedure restores the version kept last. That one goes forward, not back, when the
+        running version was itself restored by a rollback (the version kept last is then the one
+        that rollback replaced) or was installed before it; None then, and when nothing is kept.
+        """
+        kept = sorted(self.kept_versions_on(node_id), key=lambda row: row.path)
+        if not kept:
+            return None
+        target = kept[-1]
+        current = next((row for row in self.current_versions() if row.node_id == node_id), None)
+        if current is not None:
+            if current.origin == InstalledVersion.Origin.ROLLBACK:
+                return None
+            if current.digest and target.digest == current.digest:
+                return None
+            if target.installed_at and current.installed_at and target.installed_at > current.installed_at:
+                return None
+        return target
+
     @property
     def drift(self) -> bool:
         """True when the nodes that have this backend do not all run the same build."""
@@ -1043,6 +1064,10 @@ class UpgradeJob(models.Model):
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    new_log_entries: list[JobMessage]  # what the last `_update` logged, for the live pages
+    log_count = models.PositiveIntegerField(
+        default=0, editable=False, help_text="Messages written to the job's log, kept or not."
+    )
 
     class Meta:
         ordering: ClassVar = ["-created_at", "-id"]
@@ -1142,10 +1167,72 @@ class UpgradeJob(models.Model):
         )
 
     def _update(self, **fields: Any) -> None:
+        """Write `fields`, log what a reader would want to see later (a new message, phase, error or
+        end), and tell the live pages.
+
+        The log lines go in before the row changes: whoever reads the new state (a page polling the
+        row) finds its lines there, counted in `log_count`.
+        """
+        entries = self._log_entries_for(fields)
+        rows = self._insert_log(entries, phase=fields.get("phase", self.phase))
         for key, value in fields.items():
             setattr(self, key, value)
-        UpgradeJob.objects.filter(pk=self.pk).update(**fields)
-        job_changed.send(sender=UpgradeJob, job=self, fields=tuple(fields))
+        written: dict[str, Any] = dict(fields)
+        if rows:
+            written["log_count"] = models.F("log_count") + len(rows)
+            self.log_count += len(rows)
+        UpgradeJob.objects.filter(pk=self.pk).update(**written)
+        self._trim_log()
+        self.new_log_entries = rows
+        job_changed.send(sender=UpgradeJob, job=self, fields=(*fields, "log") if rows else tuple(fields))
+
+    def _log_entries_for(self, fields: dict[str, Any]) -> list[tuple[str, str]]:
+        """(kind, text) of the log lines a change of `fields` makes, compared to the values now held."""
+        entries: list[tuple[str, str]] = []
+        phase_changed = "phase" in fields and fields["phase"] != self.phase
+        message = fields.get("message", self.message)
+        if message and message != self.message:
+            entries.append((JobMessage.Kind.MESSAGE, message))
+        elif phase_changed and fields["phase"] not in (JobPhase.QUEUED, JobPhase.DONE):
+            entries.append((JobMessage.Kind.MESSAGE, JobPhase(fields["phase"]).label))
+        if fields.get("error") and fields["error"] != self.error:
+            entries.append((JobMessage.Kind.ERROR, fields["error"]))
+        if "status" in fields and fields["status"] != self.status:
+            entries.append((JobMessage.Kind.STATUS, JobStatus(fields["status"]).label))
+        return entries
+
+    def _insert_log(self, entries: list[tuple[str, str]], *, phase: str) -> list[JobMessage]:
+        if not entries:
+            return []
+        now = timezone.now()
+        return JobMessage.objects.bulk_create(
+            [
+                JobMessage(job_id=self.pk, at=now, phase=phase, kind=kind, text=text[: JobMessage.TEXT_LIMIT])
+                for kind, text in entries
+            ]
+        )
+
+    def _trim_log(self) -> None:
+        """Keep the log bounded: the first `JobMessage.HEAD` lines and the latest, `LIMIT` in all."""
+        if self.log_count <= JobMessage.LIMIT:
+            return
+        ids = list(JobMessage.objects.filter(job_id=self.pk).order_by("id").values_list("id", flat=True))
+        excess = len(ids) - JobMessage.LIMIT
+        if excess > 0:
+            JobMessage.objects.filter(pk__in=ids[JobMessage.HEAD : JobMessage.HEAD + excess]).delete()
+
+    def write_log(self, entries: list[tuple[str, str]]) -> list[JobMessage]:
+        """Append (kind, text) lines to the job's log, stamped now by this server.
+
+        `log_count` counts every line written; the log keeps at most `JobMessage.LIMIT` of them (the
+        first and the latest), so a reader can say how many in between were dropped.
+        """
+        rows = self._insert_log(entries, phase=self.phase)
+        if rows:
+            UpgradeJob.objects.filter(pk=self.pk).update(log_count=models.F("log_count") + len(rows))
+            self.log_count += len(rows)
+            self._trim_log()
+        return rows
 
     def start(self) -> bool:
         """Move a queued job to running; False when it is no longer queued (cancelled meanwhile)."""
@@ -1154,6 +1241,9 @@ class UpgradeJob(models.Model):
             status=JobStatus.RUNNING, started_at=now
         )
         self.refresh_from_db()
+        if started:
+            self.new_log_entries = self.write_log([(JobMessage.Kind.STATUS, JobStatus.RUNNING.label)])
+            job_changed.send(sender=UpgradeJob, job=self, fields=("status", "started_at", "log"))
         return bool(started)
 
     def set_phase(self, phase: str, message: str = "") -> None:
@@ -1183,11 +1273,21 @@ class UpgradeJob(models.Model):
         cancelled = UpgradeJob.objects.filter(pk=self.pk, status=JobStatus.QUEUED).update(
             status=JobStatus.CANCELLED, message=note, finished_at=timezone.now()
         )
+        asked = False
         if not cancelled:
-            UpgradeJob.objects.filter(pk=self.pk, status=JobStatus.RUNNING).update(cancel_requested=True)
+            running = UpgradeJob.objects.filter(pk=self.pk, status=JobStatus.RUNNING, cancel_requested=False)
+            asked = bool(running.update(cancel_requested=True))
         for child in self.children.filter(status__in=JobStatus.ACTIVE):
             child.cancel(by)
         self.refresh_from_db()
+        if cancelled:
+            self.new_log_entries = self.write_log(JobMessage.cancelled(note))
+        elif asked:
+            self.new_log_entries = self.write_log(
+                [(JobMessage.Kind.MESSAGE, f"{note}: stopping at the next safe point")]
+            )
+        if cancelled or asked:
+            job_changed.send(sender=UpgradeJob, job=self, fields=("status", "message", "log"))
         if cancelled:
             UpgradeJob.settle_parent_of(self)
         return bool(cancelled) or self.cancel_requested
@@ -1213,9 +1313,11 @@ class UpgradeJob(models.Model):
                             rest.enqueue()
                 else:
                     note = f"canary on {child.node} ended {child.status}; the other nodes were not touched"
-                    cls.objects.filter(pk__in=[c.pk for c in children[1:]], status=JobStatus.QUEUED).update(
-                        status=JobStatus.CANCELLED, message=note, finished_at=timezone.now()
-                    )
+                    for rest in children[1:]:
+                        if cls.objects.filter(pk=rest.pk, status=JobStatus.QUEUED).update(
+                            status=JobStatus.CANCELLED, message=note, finished_at=timezone.now()
+                        ):
+                            rest.write_log(JobMessage.cancelled(note))
                     children = list(parent.children.select_related("node").order_by("pk"))
             if any(c.status in JobStatus.ACTIVE for c in children):
                 return
@@ -1495,3 +1597,38 @@ class NotificationDelivery(models.Model):
             wait = min(settings.PORTAL_NOTIFY_RETRY_SECONDS * 2 ** max(self.attempts - 1, 0), 3600)
             self.next_attempt_at = now + dt.timedelta(seconds=wait)
         self.save(update_fields=["status", "last_error", "next_attempt_at", "delivered_at"])
+
+
+class JobMessage(models.Model):
+    """One line of a job's log, stamped by the server when it was written: a message, an error or a
+    change of status. The job page and the admin show them, also after a reload.
+
+    Bounded per job (`UpgradeJob.write_log`): the first `HEAD` lines and the latest, `LIMIT` in all.
+    """
+
+    LIMIT = 200
+    HEAD = 20
+    TEXT_LIMIT = 2000
+
+    class Kind(models.TextChoices):
+        MESSAGE = "message", "message"
+        ERROR = "error", "error"
+        STATUS = "status", "status"
+
+    job = models.ForeignKey(UpgradeJob, on_delete=models.CASCADE, related_name="log")
+    at = models.DateTimeField(help_text="When the server wrote it.")
+    phase = models.CharField(max_length=20, choices=JobPhase.choices, blank=True)
+    kind = models.CharField(max_length=10, choices=Kind.choices, default=Kind.MESSAGE)
+    text = models.TextField()
+
+    class Meta:
+        ordering: ClassVar = ["job", "id"]
+        indexes: ClassVar = [models.Index(fields=["job", "id"], name="jobmessage_job_id")]
+
+    def __str__(self) -> str:
+        return f"job {self.job_id} {self.at:%H:%M:%S} {self.text[:60]}"
+
+    @classmethod
+    def cancelled(cls, note: str) -> list[tuple[str, str]]:
+        """The lines a job cancelled before it ran logs."""
+        return [(cls.Kind.MESSAGE, note), (cls.Kind.STATUS, JobStatus.CANCELLED.label)]

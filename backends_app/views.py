@@ -260,15 +260,15 @@ def check_now(request: HttpRequest) -> HttpResponse:
 def job_page(request: HttpRequest, pk: int) -> HttpResponse:
     """A job's phase, progress and outcome, kept current through the websocket `/ws/jobs/<id>/`."""
     job = get_object_or_404(UpgradeJob.objects.select_related("backend", "node", "parent"), pk=pk)
-    children = list(job.children.select_related("backend", "node").order_by("id"))
+    operator = can_operate(request.user)
     return render(
         request,
         "job.html",
         {
-            "job": job,
-            "state": live.snapshot(job),
-            "children": children,
-            "can_operate": can_operate(request.user),
+            **live.page_context(job),
+            "can_operate": operator,
+            "cancel_url": reverse("ui:cancel-job", args=[job.pk]) if operator else "",
+            "child_link": "page",
         },
     )
 

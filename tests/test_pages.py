@@ -330,7 +330,7 @@ def test_job_page_renders_the_state_the_script_starts_from(
     page = response.content.decode()
     assert f"Job #{job.pk}: Upgrade alpha" in page
     assert 'id="job-progress" max="100" value="25.0"' in page
-    assert "3.0\xa0MB of 12.0\xa0MB" in page
+    assert "3.0\xa0MiB of 12.0\xa0MiB" in page
     state = json.loads(
         re.search(r'<script id="job-state" type="application/json">(.*?)</script>', page).group(1)
     )

@@ -74,7 +74,7 @@ def world(tmp_path: Path) -> dict[str, Any]:
     other = make_backend(gallery, "other")
     job = UpgradeJob.objects.create(kind=JobKind.INSTALL, backend=other, node=Node.local())
     PortalSettings.load()
-    return {"gallery": gallery, "backend": backend, "job": job}
+    return {"gallery": gallery, "backend": backend, "job": job, "node": Node.local()}
 
 
 def snapshot() -> tuple[Any, ...]:
@@ -88,7 +88,9 @@ def snapshot() -> tuple[Any, ...]:
 
 
 def fill(text: str, world: dict[str, Any]) -> str:
-    return text.format(job=world["job"].pk, backend=world["backend"].pk, gallery=world["gallery"].pk)
+    return text.format(
+        job=world["job"].pk, backend=world["backend"].pk, gallery=world["gallery"].pk, node=world["node"].pk
+    )
 
 
 # --- the rule itself ----------------------------------------------------------------------------------
@@ -243,7 +245,11 @@ ADMIN_WRITES = [
     (BACKENDS, {"action": "upgrade_selected", "_selected_action": "{backend}", "index": "0"}, OPERATE),
     (BACKENDS, {"action": "pin_selected", "_selected_action": "{backend}", "index": "0"}, OPERATE),
     (f"{BACKENDS}check-now/", {}, OPERATE),
-    (f"{BACKENDS}{{backend}}/change/", {"pinned": "on", "held_version": "9.9"}, OPERATE),
+    (f"{BACKENDS}{{backend}}/operate/check/", {}, OPERATE),
+    (f"{BACKENDS}{{backend}}/operate/upgrade/", {}, OPERATE),
+    (f"{BACKENDS}{{backend}}/operate/rollback/", {"node": "{node}"}, OPERATE),
+    (f"{BACKENDS}{{backend}}/operate/pin/", {}, OPERATE),
+    (f"{JOBS}{{job}}/cancel/", {}, OPERATE),
     (JOBS, {"action": "cancel_selected", "_selected_action": "{job}", "index": "0"}, OPERATE),
     (f"{GALLERIES}add/", {"name": "new", "url": "https://example.org/i.yaml", "enabled": "on"}, ADD_GALLERY),
     (f"{GALLERIES}{{gallery}}/change/", {"name": "main", "url": "https://e.org/x.yaml"}, CHANGE_GALLERY),

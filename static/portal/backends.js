@@ -6,7 +6,7 @@
   const script = document.getElementById("backends-script");
   const liveUrl = script ? script.dataset.liveUrl : "";
   const FAST = 1000; // while a job or a gallery sync is under way
-  const SLOW = 10000; // otherwise: a job started elsewhere shows within this
+  const SLOW = 2000; // otherwise: a job started elsewhere (the API, the schedule) shows within this
 
   function confirmBeforeSubmit(form) {
     if (form.dataset.confirmBound) return;

@@ -574,22 +574,22 @@ class Backend(models.Model):
 
     def record_installed(self, *, version: str, digest: str) -> None:
         """After an install or upgrade from the registry: what was pulled is what the registry
-        offers now, so the check's fields say so (that version and digest, up to date, checked
-        now) instead of "not checked" until the next check.
-
-        Only when every node now runs that build: a node still on another one keeps the backend
-        flagged, and the next check decides.
+        offers now (`latest_digest`, `available_version`, what `converge` aims at). When every node
+        runs that build, the check's other fields say so too (up to date, no error, checked now)
+        instead of "not checked" until the next check; a node still on another build keeps the
+        backend as it was flagged, and the next check decides.
         """
+        if not digest:
+            return
+        Backend.objects.filter(pk=self.pk).update(latest_digest=digest, available_version=version)
         lagging = (
             InstalledVersion.objects.filter(backend=self, state=InstalledVersion.State.CURRENT, is_meta=False)
             .exclude(digest=digest)
             .exists()
         )
-        if lagging or not digest:
+        if lagging:
             return
         Backend.objects.filter(pk=self.pk).update(
-            latest_digest=digest,
-            available_version=version,
             upgrade_available=False,
             upgrade_reason="",
             last_error="",

@@ -81,13 +81,18 @@ def is_older(
     """Whether a kept build is older than the live one, so putting it back is a rollback.
 
     The versions decide when both order and differ; otherwise when each was installed (a rebuild
-    under the same version, versions that do not parse). Nothing to tell them apart by: True, the
-    kept build is what the procedure has always put back.
+    under the same version, versions that do not parse; LocalAI's `installed_at` counts whole
+    seconds). Nothing to tell them apart by: True, the kept build is what the procedure has always
+    put back.
     """
     if kept_version and live_version:
         order = order_versions(live_version, kept_version)
         if order:
             return order < 0
-    if kept_installed_at is not None and live_installed_at is not None:
+    if (
+        kept_installed_at is not None
+        and live_installed_at is not None
+        and kept_installed_at != live_installed_at
+    ):
         return kept_installed_at < live_installed_at
     return True

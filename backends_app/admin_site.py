@@ -121,11 +121,8 @@ class Dashboard:
         self.last_check_job = (
             UpgradeJob.objects.filter(kind=JobKind.CHECK).order_by("-created_at", "-id").first()
         )
-        last = stored.last_check_at
-        if self.last_check_job is not None:
-            ended = self.last_check_job.finished_at or self.last_check_job.created_at
-            last = max(last, ended) if last else ended
-        self.last_check_at = last
+        # When the last check ended, whoever asked (the same record the pages show).
+        self.last_check_at = stored.last_check_finished_at
         self.schedule_id = Schedule.objects.filter(name=SCHEDULE_NAME).values_list("id", flat=True).first()
         self.next_check_at = next_check_at(stored)
         self.check_overdue = bool(self.next_check_at and self.next_check_at < now - dt.timedelta(minutes=5))

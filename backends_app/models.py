@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from django.conf import settings
@@ -23,7 +24,7 @@ from django.dispatch import Signal
 from django.utils import timezone
 
 from backends_app import gallery as gallery_index
-from backends_app import notify
+from backends_app import notify, versions
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,27 @@ class OperationRefused(Exception):
     def __init__(self, message: str, reason: str = "refused") -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class GalleryQuerySet(models.QuerySet["Gallery"]):
+    def request_sync(self, *, cluster: str | None = None) -> list[str]:
+        """Ask the workers to sync these galleries (one task, after commit); returns their names.
+
+        `sync_requested_at` marks them, so the pages can say a sync is on its way until it ran.
+        `cluster` picks the django-q2 cluster (default: the default workers).
+        """
+        from django_q.tasks import async_task
+
+        names = list(self.order_by("name").values_list("name", flat=True))
+        if not names:
+            return []
+        Gallery.objects.filter(name__in=names).update(sync_requested_at=timezone.now())
+        transaction.on_commit(
+            lambda: async_task(
+                "backends_app.tasks.sync_galleries", names, task_name="gallery-sync", cluster=cluster
+            )
+        )
+        return names
 
 
 class Gallery(models.Model):
@@ -76,6 +98,11 @@ class Gallery(models.Model):
     entry_count = models.PositiveIntegerField(default=0, editable=False)
     # Each sync that stores an index takes the next number; one that finds a newer number stops.
     sync_generation = models.PositiveBigIntegerField(default=0, editable=False)
+    sync_requested_at = models.DateTimeField(
+        null=True, blank=True, editable=False, help_text="When a sync was last asked of the workers."
+    )
+
+    objects = GalleryQuerySet.as_manager()
 
     class Meta:
         verbose_name_plural = "galleries"
@@ -108,6 +135,12 @@ class Gallery(models.Model):
     @property
     def is_file(self) -> bool:
         return self.url.lower().startswith("file:")
+
+    @property
+    def sync_pending(self) -> bool:
+        """A sync was asked for and no attempt has been made since."""
+        requested = self.sync_requested_at
+        return requested is not None and (self.last_attempt_at is None or self.last_attempt_at < requested)
 
     def sync(self, *, force: bool = False) -> SyncResult:
         """Fetch and store the index. A failure changes no backend and is recorded on the gallery.
@@ -487,6 +520,7 @@ class Backend(models.Model):
         "health_check",
         "position",
         "entry",
+        "hardware",
     ]
 
     gallery = models.ForeignKey(Gallery, on_delete=models.PROTECT, related_name="backends")
@@ -517,6 +551,13 @@ class Backend(models.Model):
         help_text="For a meta backend: the concrete entry for the local node's capability.",
     )
     gone = models.BooleanField(default=False, help_text="No longer in the gallery index.")
+    hardware = models.CharField(
+        max_length=20,
+        blank=True,
+        db_index=True,
+        help_text="What a concrete entry needs (metal, nvidia-l4t, nvidia, amd, intel; empty: any CPU), "
+        "read from its name and image as LocalAI does.",
+    )
 
     # Filled by the upgrade check.
     latest_digest = models.CharField(max_length=100, blank=True)
@@ -525,6 +566,11 @@ class Backend(models.Model):
     upgrade_reason = models.CharField(max_length=500, blank=True)
     last_checked_at = models.DateTimeField(null=True, blank=True)
     last_error = models.TextField(blank=True)
+    check_note = models.CharField(
+        max_length=500,
+        blank=True,
+        help_text="What the last check saw that is not an upgrade (a tag rebuilt under the same version...).",
+    )
 
     # Operator's decisions.
     pinned = models.BooleanField(default=False, help_text="Never upgraded automatically.")
@@ -556,7 +602,8 @@ class Backend(models.Model):
         not installed; held (a target that failed, or was rolled back from, and is still what the
         registry offers); pinned (never upgraded automatically; says what is available); upgrade
         available (with the check's reason); error (the last check could not decide); not checked
-        yet; up to date. Uses the installed rows `with_installations` prefetches.
+        yet; up to date (with what the check noticed that is no upgrade, such as a tag rebuilt under
+        the same version). Uses the installed rows `with_installations` prefetches.
         """
         if not self.current_versions():
             return BackendStatus(BackendState.NOT_INSTALLED, "gone from its gallery" if self.gone else "")
@@ -574,7 +621,7 @@ class Backend(models.Model):
             return BackendStatus(BackendState.ERROR, self.last_error)
         if self.last_checked_at is None:
             return BackendStatus(BackendState.NOT_CHECKED)
-        return BackendStatus(BackendState.UP_TO_DATE)
+        return BackendStatus(BackendState.UP_TO_DATE, self.check_note)
 
     @property
     def is_development(self) -> bool:
@@ -607,6 +654,7 @@ class Backend(models.Model):
             "health_check": dict(entry.health_check or {}),
             "position": entry.position,
             "entry": entry.raw,
+            "hardware": "" if entry.is_meta else gallery_index.hardware_of(entry.name, entry.uri),
         }
 
     def pin(self) -> None:
@@ -675,25 +723,44 @@ class Backend(models.Model):
         return next((job for job in jobs if job.node_id == node_id), None)
 
     def rollback_target_on(self, node_id: int) -> InstalledVersion | None:
-        """The kept version a rollback on that node would put back, when that goes back.
-
-        The procedure restores the version kept last. That one goes forward, not back, when the
-        running version was itself restored by a rollback (the version kept last is then the one
-        that rollback replaced) or was installed before it; None then, and when nothing is kept.
+        """The kept version a rollback on a node puts back: the newest kept one (by when it was
+        kept) that is older than the live one (`versions.is_older`), or None. A kept version newer
+        than the live one (left by an earlier rollback) is never a rollback's target.
+        `with_installations` saves the query; the rollback procedure applies the same rule on disk.
         """
-        kept = sorted(self.kept_versions_on(node_id), key=lambda row: row.path)
-        if not kept:
+        live = next((row for row in self.current_versions() if row.node_id == node_id), None)
+        if live is None:
             return None
-        target = kept[-1]
-        current = next((row for row in self.current_versions() if row.node_id == node_id), None)
-        if current is not None:
-            if current.origin == InstalledVersion.Origin.ROLLBACK:
-                return None
-            if current.digest and target.digest == current.digest:
-                return None
-            if target.installed_at and current.installed_at and target.installed_at > current.installed_at:
-                return None
-        return target
+        kept = sorted(self.kept_versions_on(node_id), key=lambda row: Path(row.path).name)
+        for row in reversed(kept):
+            if versions.is_older(row.version, row.installed_at, live.version, live.installed_at):
+                return row
+        return None
+
+    def record_installed(self, *, version: str, digest: str) -> None:
+        """After an install or upgrade from the registry: what was pulled is what the registry
+        offers now (`latest_digest`, `available_version`, what `converge` aims at). When every node
+        runs that build, the check's other fields say so too (up to date, no error, checked now)
+        instead of "not checked" until the next check; a node still on another build keeps the
+        backend as it was flagged, and the next check decides.
+        """
+        if not digest:
+            return
+        Backend.objects.filter(pk=self.pk).update(latest_digest=digest, available_version=version)
+        lagging = (
+            InstalledVersion.objects.filter(backend=self, state=InstalledVersion.State.CURRENT, is_meta=False)
+            .exclude(digest=digest)
+            .exists()
+        )
+        if lagging:
+            return
+        Backend.objects.filter(pk=self.pk).update(
+            upgrade_available=False,
+            upgrade_reason="",
+            last_error="",
+            check_note="",
+            last_checked_at=timezone.now(),
+        )
 
     @property
     def drift(self) -> bool:
@@ -805,11 +872,16 @@ class Backend(models.Model):
             raise OperationRefused(f"{self.name} is pinned; unpin it or force the upgrade")
         if kind in (JobKind.UPGRADE, JobKind.ROLLBACK, JobKind.UNINSTALL) and current is None:
             raise OperationRefused(f"{self.name} is not installed on {node.name}")
-        if (
-            kind == JobKind.ROLLBACK
-            and not self.installed.filter(node=node, state=InstalledVersion.State.KEPT).exists()
-        ):
-            raise OperationRefused(f"{self.name} has no kept version on {node.name} to roll back to")
+        if kind == JobKind.ROLLBACK and self.rollback_target_on(node.pk) is None:
+            if self.installed.filter(node=node, state=InstalledVersion.State.KEPT).exists():
+                raise OperationRefused(
+                    f"{self.name} has no kept version on {node.name} older than the live one "
+                    "(the kept ones are newer: an upgrade goes forward)",
+                    "nothing_kept",
+                )
+            raise OperationRefused(
+                f"{self.name} has no kept version on {node.name} to roll back to", "nothing_kept"
+            )
         job, created = UpgradeJob.create_unless_active(
             kind,
             backend=self,
@@ -949,7 +1021,16 @@ class PortalSettings(models.Model):
     health_check_timeout = models.PositiveIntegerField(
         default=30, validators=[MinValueValidator(1), MaxValueValidator(3600)]
     )
-    last_check_at = models.DateTimeField(null=True, blank=True, editable=False)
+    last_check_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        editable=False,
+        help_text="When the periodic check last claimed its interval (the once-per-interval guard).",
+    )
+    last_check_finished_at = models.DateTimeField(
+        null=True, blank=True, editable=False, help_text="When the last upgrade check, whoever asked, ended."
+    )
+    last_check_by = models.CharField(max_length=200, blank=True, editable=False)
     notify_urls_seeded = models.BooleanField(
         default=False, editable=False, help_text="PORTAL_NOTIFY_URLS has given the initial notification URLs."
     )
@@ -979,6 +1060,14 @@ class PortalSettings(models.Model):
             pk=cls.SINGLETON_PK, defaults={"auto_upgrade_backends": settings.PORTAL_AUTO_UPGRADE_INITIAL}
         )
         return row
+
+    @classmethod
+    def record_check(cls, *, finished_at: dt.datetime, requested_by: str) -> None:
+        """Remember the last check that ran to its end, scheduled or asked for by hand."""
+        cls.load()
+        cls.objects.filter(pk=cls.SINGLETON_PK).update(
+            last_check_finished_at=finished_at, last_check_by=requested_by[:200]
+        )
 
     @property
     def check_interval(self) -> dt.timedelta:

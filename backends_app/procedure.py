@@ -24,7 +24,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from backends_app import gallery as gallery_index
-from backends_app import oci
+from backends_app import oci, versions
 from backends_app.disk import fsops, layout
 from backends_app.disk.errors import LayoutError
 from backends_app.disk.health import health_check
@@ -357,7 +357,7 @@ def _swap_in_steps(op: Operation, backend: Backend, *, source: Path, source_is_k
     op.checkpoint("pruned", cancellable=False)
     record_disk_state(op.node, [name], origin=_origin_for(job))
     if job.kind != JobKind.ROLLBACK:
-        Backend.objects.filter(pk=backend.pk).update(upgrade_available=False, upgrade_reason="")
+        backend.record_installed(version=job.to_version, digest=job.to_digest)
     op.checkpoint("recorded", cancellable=False)
     op.journal.clear(name)
     op.checkpoint("cleared", cancellable=False)
@@ -440,7 +440,10 @@ def _write_meta(op: Operation, concrete: Backend) -> None:
 
 
 def rollback(op: Operation) -> str:
-    """Put the newest kept version back live; the version rolled back from is kept and held."""
+    """Put back the newest kept version older than the live one (`versions.is_older`, the rule
+    `Backend.rollback_target_on` shows on the pages); the version rolled back from is kept and held.
+    A kept version newer than the live one (what an earlier rollback left) is never put back here:
+    that would be an upgrade."""
     backend = op.backend
     if backend.is_meta:
         backend = _installed_concrete(op)
@@ -448,9 +451,13 @@ def rollback(op: Operation) -> str:
     kept = op.state.kept_versions(name)
     if not kept:
         raise ProcedureError(f"{name} has no kept version to roll back to")
-    source = kept[-1]
-    restored = layout.read_metadata(source)
     current = _read_live_metadata(op, name)
+    source, restored = _rollback_source(kept, current)
+    if source is None or restored is None:
+        raise ProcedureError(
+            f"{name} has no kept version older than the live one "
+            "(the kept ones are newer: an upgrade goes forward)"
+        )
     op.job._update(to_version=restored.version, to_digest=restored.digest)
     op.journal.begin("rollback", name, op.job.pk, live=op.backends / name, staging=source, step="staging")
     try:
@@ -462,6 +469,19 @@ def rollback(op: Operation) -> str:
     if current is not None:
         backend.hold(version=current.version, digest=current.digest, reason=f"rolled back by job {op.job.pk}")
     return f"{name} rolled back to {restored.version or restored.digest[:19]}"
+
+
+def _rollback_source(
+    kept: list[Path], current: layout.BackendMetadata | None
+) -> tuple[Path | None, layout.BackendMetadata | None]:
+    """The newest kept directory older than the live tree, with its metadata."""
+    for path in reversed(kept):
+        metadata = layout.read_metadata(path)
+        if current is None or versions.is_older(
+            metadata.version, metadata.installed_datetime, current.version, current.installed_datetime
+        ):
+            return path, metadata
+    return None, None
 
 
 def _installed_concrete(op: Operation) -> Backend:

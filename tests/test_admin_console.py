@@ -189,6 +189,8 @@ def test_the_dashboard_shows_what_needs_an_operator_each_item_linking_to_its_obj
     check = UpgradeJob.objects.create(kind=JobKind.CHECK, requested_by="scheduler")
     check.start()
     check.finish("checked 2 backends: 1 upgrade available")
+    check.refresh_from_db()
+    PortalSettings.record_check(finished_at=check.finished_at, requested_by="scheduler")  # as jobs.run_check does
     next_run = now + dt.timedelta(hours=3)
     schedule, _ = Schedule.objects.update_or_create(
         name=SCHEDULE_NAME,

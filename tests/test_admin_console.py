@@ -190,7 +190,8 @@ def test_the_dashboard_shows_what_needs_an_operator_each_item_linking_to_its_obj
     check.start()
     check.finish("checked 2 backends: 1 upgrade available")
     check.refresh_from_db()
-    PortalSettings.record_check(finished_at=check.finished_at, requested_by="scheduler")  # as jobs.run_check does
+    # As jobs.run_check records every check that ends.
+    PortalSettings.record_check(finished_at=check.finished_at, requested_by="scheduler")
     next_run = now + dt.timedelta(hours=3)
     schedule, _ = Schedule.objects.update_or_create(
         name=SCHEDULE_NAME,

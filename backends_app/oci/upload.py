@@ -8,7 +8,8 @@ blob into memory whole, and its chunked path (one ``PATCH`` per chunk, each wait
 before the next chunk is read) measured 11% slower than a streamed ``PUT`` on loopback and through a
 40 ms link (docs/benchmarks.md), for the same protocol.
 
-oras-py 0.2 as it comes is not safe to point at a registry (see PRODUCT.md's traps), so
+oras-py 0.2 as it comes is not safe to point at a registry (no timeouts, minutes of retries, a
+login that writes credentials to disk; listed below), so
 :class:`OrasUploader` keeps its protocol and replaces its one door to the network, ``do_request``,
 with :meth:`RegistryClient._request`:
 

@@ -24,6 +24,8 @@ from backends_app import gallery as gallery_index
 #: Sent after a job's row changed (`job` the instance, `fields` the names written). The live pages
 #: subscribe in `BackendsAppConfig.ready`; the models never import an entry point.
 job_changed = Signal()
+#: Sent after each gallery sync, failed or not (`gallery`, `result`: a SyncResult); metrics count it.
+gallery_synced = Signal()
 
 # A node is online while its heartbeat is younger than this.
 HEARTBEAT_TIMEOUT = dt.timedelta(seconds=90)
@@ -73,11 +75,11 @@ class Gallery(models.Model):
         except gallery_index.GalleryError as exc:
             Gallery.objects.filter(pk=self.pk).update(last_attempt_at=now, last_error=str(exc))
             self.refresh_from_db()
-            return SyncResult(gallery=self.name, error=str(exc))
+            return self._synced(SyncResult(gallery=self.name, error=str(exc)))
         if entries is None:
             Gallery.objects.filter(pk=self.pk).update(last_attempt_at=now, last_synced_at=now, last_error="")
             self.refresh_from_db()
-            return SyncResult(gallery=self.name, not_modified=True, total=self.entry_count)
+            return self._synced(SyncResult(gallery=self.name, not_modified=True, total=self.entry_count))
         with transaction.atomic():
             result = Backend.objects.store_entries(self, entries)
             self.etag = fetched.etag
@@ -87,6 +89,10 @@ class Gallery(models.Model):
             self.save(
                 update_fields=["etag", "last_synced_at", "last_attempt_at", "last_error", "entry_count"]
             )
+        return self._synced(result)
+
+    def _synced(self, result: SyncResult) -> SyncResult:
+        gallery_synced.send(sender=Gallery, gallery=self, result=result)
         return result
 
 

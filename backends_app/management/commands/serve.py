@@ -11,6 +11,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from backends_app import metrics
+
 
 class Command(BaseCommand):
     help = "Start the web server (daphne, ASGI) and a django-q2 worker; Ctrl-C stops both."
@@ -23,6 +25,7 @@ class Command(BaseCommand):
     def handle(self, *args: Any, host: str, port: int, no_worker: bool, **options: Any) -> None:
         web = [sys.executable, "-m", "daphne", "-b", host, "-p", str(port), "portal.asgi:application"]
         worker = [sys.executable, "manage.py", "worker"]
+        self.stdout.write(metrics.prepare_metric_files())  # before any child counts anything
         children = [subprocess.Popen(web)]
         if not no_worker:
             children.append(subprocess.Popen(worker))

@@ -19,7 +19,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from backends_app import procedure
+from backends_app import metrics, procedure
 from backends_app.models import Node
 
 HEARTBEAT_SECONDS = 30
@@ -49,6 +49,7 @@ class Command(BaseCommand):
         for key in ("PORTAL_BACKENDS_PATH", "PORTAL_STATE_PATH"):
             if key in env:
                 setattr(settings, key, Path(env[key]))
+        self.stdout.write(metrics.prepare_metric_files())
         node = Node.local()
         node.heartbeat()
         report = procedure.reconcile(node)

@@ -214,7 +214,6 @@ class MetricFiles:
         """Empty the directory when no process with files in it is alive, else compact; True if
         emptied. Only files of dead processes and the archive are removed: a process that creates
         its first file meanwhile keeps it."""
-        self.path.mkdir(parents=True, exist_ok=True)
         with self._lock(fcntl.LOCK_EX):
             files = list(self._process_files())
             if any(pid_alive(pid) for _, _, pid in files):
@@ -232,6 +231,7 @@ class MetricFiles:
 
     @contextlib.contextmanager
     def _lock(self, mode: int) -> Iterator[None]:
+        self.path.mkdir(parents=True, exist_ok=True)  # removed by hand while processes run
         fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, mode)

@@ -369,6 +369,41 @@ def test_a_worker_starting_empties_the_counts_only_when_no_process_is_counting(
     assert not list(metrics_dir.glob("*.db")) and not (metrics_dir / "archive").exists()
 
 
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.single_pass
+def test_a_fold_cut_short_after_the_switch_counts_nothing_twice_and_is_finished_later(
+    portal_env: Callable[..., dict[str, str]], metrics_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = portal_env()
+    for _ in range(2):
+        assert manage(env, "backends", "check").returncode == 0
+    files = MetricFiles(metrics_dir)
+
+    def checks_counted() -> float:
+        registry = CollectorRegistry()
+        registry.register(files)
+        return registry.get_sample_value("portal_check_duration_seconds_count", {"outcome": "succeeded"}) or 0
+
+    assert checks_counted() == 2
+    dead = set(metrics_dir.glob("*_*.db"))
+
+    def power_cut(self: Path, missing_ok: bool = False) -> None:
+        raise OSError("power cut")
+
+    with monkeypatch.context() as patch:
+        # The archive now holds the dead files' counts, but the files themselves were not removed.
+        patch.setattr(Path, "unlink", power_cut)
+        with pytest.raises(OSError, match="power cut"):
+            files.compact()
+    assert set(metrics_dir.glob("*_*.db")) == dead
+    assert checks_counted() == 2
+
+    files.compact()
+
+    assert not list(metrics_dir.glob("*_*.db"))
+    assert checks_counted() == 2
+
+
 # --- state read from the database ---------------------------------------------------------------
 
 

@@ -21,11 +21,13 @@ class BackendsAppConfig(AppConfig):
     def ready(self) -> None:
         from django.db.models.signals import post_migrate
 
-        from backends_app import live, models, notifications, signals, system_checks
+        from backends_app import live, metrics, models, notifications, signals, system_checks
 
-        del system_checks  # imported for its @register side effect
+        del system_checks  # imported for its @register side effect (metrics registers its own)
 
         post_migrate.connect(signals.seed_defaults, sender=self)
         models.job_changed.connect(live.job_changed, dispatch_uid="backends-live-job-pages")
         models.job_changed.connect(notifications.job_changed, dispatch_uid="backends-notifications")
+        models.job_changed.connect(metrics.record_job_end, dispatch_uid="backends-metrics-jobs")
+        models.gallery_synced.connect(metrics.record_gallery_sync, dispatch_uid="backends-metrics-galleries")
         signals.connect_scheduling(self)

@@ -36,12 +36,13 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from backends_app import oci
+from backends_app import metrics, oci
 from backends_app.models import (
     Backend,
     Gallery,
     InstalledVersion,
     JobPhase,
+    JobStatus,
     Node,
     PortalSettings,
     UpgradeJob,
@@ -142,6 +143,14 @@ class CheckReport:
     @property
     def errors(self) -> list[BackendCheck]:
         return [r for r in self.results if r.error]
+
+    @property
+    def outcome(self) -> str:
+        """succeeded; partial when some backends could not be checked; failed when none could."""
+        errors = len(self.errors)
+        if errors and errors == len(self.results):
+            return JobStatus.FAILED
+        return JobStatus.PARTIAL if errors else JobStatus.SUCCEEDED
 
     @property
     def node_count(self) -> int:
@@ -481,6 +490,30 @@ def _newer_than_hold(target: _Target, version: str) -> bool:
 
 
 def find_upgrades(
+    *,
+    nodes: Iterable[Node | str] | None = None,
+    requested_by: str = "",
+    sync_galleries: bool = True,
+    client: oci.RegistryClient | None = None,
+    job: UpgradeJob | None = None,
+) -> CheckReport:
+    """`_find_upgrades`, timed for /metrics (portal_check_duration_seconds) whatever its outcome:
+    every check, by a job, the schedule or the command line, comes through here."""
+    started, outcome = time.monotonic(), str(JobStatus.FAILED)
+    try:
+        report = _find_upgrades(
+            nodes=nodes, requested_by=requested_by, sync_galleries=sync_galleries, client=client, job=job
+        )
+        outcome = report.outcome
+        return report
+    except CheckCancelled:
+        outcome = JobStatus.CANCELLED
+        raise
+    finally:
+        metrics.record_check(outcome, time.monotonic() - started)
+
+
+def _find_upgrades(
     *,
     nodes: Iterable[Node | str] | None = None,
     requested_by: str = "",

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 #: Sent after a job's row changed (`job` the instance, `fields` the names written). The live pages
 #: subscribe in `BackendsAppConfig.ready`; the models never import an entry point.
 job_changed = Signal()
+#: Sent after each gallery sync, failed or not (`gallery`, `result`: a SyncResult); metrics count it.
+gallery_synced = Signal()
 
 # A node is online while its heartbeat is younger than this.
 HEARTBEAT_TIMEOUT = dt.timedelta(seconds=90)
@@ -164,9 +166,9 @@ class Gallery(models.Model):
                     last_attempt_at=now, last_synced_at=now, last_error=""
                 )
                 self.refresh_from_db()
-                return SyncResult(gallery=self.name, not_modified=True, total=self.entry_count)
+                return self._synced(SyncResult(gallery=self.name, not_modified=True, total=self.entry_count))
         except gallery_index.GalleryError as exc:
-            return self._failed(exc, now, parsing=False)
+            return self._synced(self._failed(exc, now, parsing=False))
         try:
             entries = gallery_index.parse(
                 fetched.text or "",
@@ -175,7 +177,7 @@ class Gallery(models.Model):
                 max_nodes=settings.PORTAL_GALLERY_MAX_NODES,
             )
         except gallery_index.GalleryError as exc:
-            return self._failed(exc, now, parsing=True)
+            return self._synced(self._failed(exc, now, parsing=True))
         etag = fetched.etag
         del fetched  # the document's text; the entries hold what is needed
         generation = self._begin_storing(now)
@@ -195,8 +197,13 @@ class Gallery(models.Model):
             result.gone = len(vanished)
         except SyncSuperseded as exc:
             log.warning("gallery %s: %s", self.name, exc)
-            return SyncResult(gallery=self.name, error=str(exc))
+            return self._synced(SyncResult(gallery=self.name, error=str(exc)))
         self.refresh_from_db()
+        return self._synced(result)
+
+    def _synced(self, result: SyncResult) -> SyncResult:
+        """Every sync ends here: subscribers (metrics) hear of it, then the caller gets the result."""
+        gallery_synced.send(sender=Gallery, gallery=self, result=result)
         return result
 
     def _failed(self, exc: gallery_index.GalleryError, now: dt.datetime, *, parsing: bool) -> SyncResult:

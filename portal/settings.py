@@ -358,6 +358,21 @@ PORTAL_NOTIFY_RETRY_SECONDS = env_int("PORTAL_NOTIFY_RETRY_SECONDS", 60)
 PORTAL_NOTIFY_TIMEOUT = env_int("PORTAL_NOTIFY_TIMEOUT", 30)
 PORTAL_NOTIFY_TEST_TIMEOUT = env_int("PORTAL_NOTIFY_TEST_TIMEOUT", 10)
 
+# --- Metrics (/metrics; docs/monitoring.md) ---------------------------------------------------
+# prometheus_client chooses where counters live when it is first imported, from this variable. It
+# is set here, before any app imports prometheus_client, so that every process of this host (web
+# replicas, workers, commands) and every process they start counts into the same directory. One
+# directory per host name: the processes sharing one must share a pid namespace (dead ones are
+# found by pid).
+PORTAL_METRICS_DIR = Path(
+    env_str("PROMETHEUS_MULTIPROC_DIR") or str(DATA_DIR / "prometheus" / (socket.gethostname() or "local"))
+).resolve()
+PORTAL_METRICS_DIR.mkdir(parents=True, exist_ok=True)
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(PORTAL_METRICS_DIR)
+PORTAL_METRICS_TOKEN = env_str("PORTAL_METRICS_TOKEN")
+# Off behind a reverse proxy on the same host: every proxied request then comes from 127.0.0.1.
+PORTAL_METRICS_LOOPBACK = env_bool("PORTAL_METRICS_LOOPBACK", True)
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

@@ -30,7 +30,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError, connection
 
-from backends_app import procedure, processes
+from backends_app import metrics, procedure, processes
 from backends_app.models import Gallery, Node
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,7 @@ class Command(BaseCommand):
         for key in ("PORTAL_BACKENDS_PATH", "PORTAL_STATE_PATH"):
             if key in env:
                 setattr(settings, key, Path(env[key]))
+        self.stdout.write(metrics.prepare_metric_files())
         node = Node.local()
         node.heartbeat()
         report = procedure.reconcile(node)

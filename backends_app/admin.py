@@ -973,6 +973,17 @@ class NodeAdmin(admin.ModelAdmin):
     )
     readonly_fields = ("is_local", "last_heartbeat_at", "created_at")
 
+    # A node's backends path is where its worker writes as the portal's own user: nodes register
+    # themselves (`worker --node`), and only a superuser may add, change or delete one by hand.
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return bool(request.user.is_active and request.user.is_superuser)
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return bool(request.user.is_active and request.user.is_superuser)
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return bool(request.user.is_active and request.user.is_superuser)
+
     def get_queryset(self, request: HttpRequest) -> QuerySet[Node]:
         current = Q(installed__state=InstalledVersion.State.CURRENT)
         return super().get_queryset(request).annotate(current_count=Count("installed", filter=current))

@@ -114,7 +114,13 @@ class Operation:
                 raise Cancelled("cancelled before the backend was touched")
 
     def health_command(self) -> tuple[str | None, float]:
-        spec = self.backend.health_check or {}
+        """The health-check command and its timeout: the gallery entry's, else the settings'.
+
+        A command from a gallery runs code on every node as the portal's user, so it is taken only
+        from galleries the server's operator configured (PORTAL_GALLERIES, the command line), never
+        from one added or changed through the web (the admin or the API).
+        """
+        spec = {} if self.backend.gallery.set_through_web else (self.backend.health_check or {})
         command = spec.get("command")
         if isinstance(command, list):
             command = shlex.join(command)

@@ -340,3 +340,29 @@ def test_an_operator_sees_backends_and_jobs_in_the_admin_and_queues_from_there(
     )
     job = UpgradeJob.objects.get(kind=JobKind.UPGRADE)
     assert (job.status, job.requested_by) == (JobStatus.QUEUED, "admin:operator")
+
+
+def test_only_a_superuser_repoints_a_node_in_the_admin(world: dict[str, Any]) -> None:
+    """A node's backends path is where its worker writes as the portal's user: Django's own
+    `change_node` permission is not enough to change it."""
+    node = Node.local()
+    holder = get_user_model().objects.create(username="node-editor", is_staff=True)
+    for codename in ("view_node", "change_node", "delete_node"):
+        holder.user_permissions.add(Permission.objects.get(codename=codename))
+    client = Client()
+    client.force_login(holder)
+    page = f"/admin/backends_app/node/{node.pk}/change/"
+    form = {
+        "name": node.name,
+        "capability": node.capability,
+        "platform": node.platform,
+        "backends_path": "/etc",
+        "state_path": "",
+        "queue": "",
+    }
+
+    assert client.post(page, form).status_code == 403
+    assert client.post(f"/admin/backends_app/node/{node.pk}/delete/", {"post": "yes"}).status_code == 403
+    node.refresh_from_db()
+    assert node.backends_path != "/etc"
+    assert client.get(page).status_code == 200  # still shown, read-only

@@ -26,9 +26,10 @@ from django.utils.html import format_html, format_html_join
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from backends_app import live, permissions
+from backends_app import live, permissions, registry
 from backends_app.models import (
     Backend,
+    Gallery,
     InstalledVersion,
     JobKind,
     JobStatus,
@@ -354,6 +355,9 @@ def settings_page(request: HttpRequest) -> HttpResponse:
             "check_job": UpgradeJob.objects.filter(kind=JobKind.CHECK, status__in=JobStatus.ACTIVE).first(),
             "can_operate": can_operate(request.user),
             "time_zone": settings.TIME_ZONE,
+            "galleries": Gallery.objects.order_by("name"),
+            "trust_root": registry.trust_root_source(),
+            "strict_signatures": settings.PORTAL_REQUIRE_SIGNATURES,
             "nav": "settings",
         },
     )

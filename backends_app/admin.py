@@ -100,6 +100,13 @@ class GalleryForm(forms.ModelForm):
         model = Gallery
         fields = ("name", "url", "enabled", "signature_mode", *Gallery.VERIFICATION_FIELDS.values())
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["signature_mode"].required = False  # not posted: left as it is
+
+    def clean_signature_mode(self) -> str:
+        return str(self.cleaned_data.get("signature_mode") or self.instance.signature_mode)
+
     def clean_url(self) -> str:
         url = str(self.cleaned_data["url"]).strip()
         if "url" in self.changed_data:

@@ -609,3 +609,207 @@ def test_identity_rules_follow_sigstore_go_exact_and_regex_both_checked_regexes_
     _, email_cert = sigstore.issue_leaf("builder@example.com", GITHUB_ISSUER, dt.datetime.now(dt.UTC))
     assert signatures.certificate_identity(email_cert) == "builder@example.com"
     assert signatures.certificate_issuer(email_cert) == GITHUB_ISSUER
+
+
+# --- where the policy is set: PORTAL_GALLERIES, the API, the admin; where it shows ----------------
+
+
+def test_portal_galleries_reads_localais_json_with_its_verification_block() -> None:
+    from backends_app.system_checks import configured_galleries, configured_gallery_items
+
+    text = json.dumps(
+        [
+            {"name": "signed", "url": "file:///a.yaml", "verification": POLICY},
+            {"name": "warned", "url": "file:///b.yaml", "verification": POLICY, "signature_mode": "warn"},
+            {"name": "plain", "url": "file:///c.yaml", "mirrors": ["file:///d.yaml"]},
+        ]
+    )
+
+    items = configured_gallery_items(text)
+
+    assert [(i.name, i.signature_mode) for i in items] == [
+        ("signed", None),
+        ("warned", "warn"),
+        ("plain", None),
+    ]
+    assert items[0].verification == signatures.Verification.from_json(POLICY)
+    assert items[2].verification is None
+    assert configured_galleries(text)[0] == ("signed", "file:///a.yaml")
+    for bad, message in [
+        (
+            [{"name": "x", "url": "u", "verification": {"issuer": GITHUB_ISSUER}}],
+            "gallery 'x': verification: ",
+        ),
+        ([{"name": "x", "url": "u", "verification": POLICY, "signature_mode": "loud"}], "signature_mode"),
+        ([{"name": "x", "url": "u", "signature_mode": "enforce"}], "needs a verification block"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            configured_gallery_items(json.dumps(bad))
+
+
+@pytest.mark.django_db
+def test_migrate_stores_the_block_on_new_galleries_and_never_replaces_one_set_by_hand(settings: Any) -> None:
+    from backends_app.signals import seed_defaults
+
+    Gallery.objects.create(name="existing", url="file:///e.yaml")
+    hand_set = Gallery.objects.create(name="curated", url="file:///c.yaml")
+    set_policy(hand_set, mode=SignatureMode.WARN, identity=BUILD_IDENTITY, identity_regex="")
+    settings.PORTAL_GALLERIES = json.dumps(
+        [
+            {"name": name, "url": f"file:///{name}.yaml", "verification": POLICY}
+            for name in ("fresh", "existing", "curated")
+        ]
+    )
+
+    seed_defaults()
+
+    fresh, existing, curated = (Gallery.objects.get(name=n) for n in ("fresh", "existing", "curated"))
+    assert fresh.signature_mode == existing.signature_mode == SignatureMode.ENFORCE
+    assert fresh.verification == existing.verification == signatures.Verification.from_json(POLICY)
+    assert curated.signature_mode == SignatureMode.WARN and curated.verification_identity == BUILD_IDENTITY
+
+
+def test_system_checks_report_a_bad_trust_root_file_and_unanchored_regexes(
+    settings: Any, tmp_path: Path, trust_root_file: Path
+) -> None:
+    from backends_app.system_checks import portal_settings_check
+
+    def ids() -> set[str]:
+        return {problem.id for problem in portal_settings_check() if problem.id}
+
+    settings.PORTAL_GALLERIES = json.dumps(
+        [{"name": "loose", "url": "file:///a.yaml", "verification": {**POLICY, "identity_regex": "example"}}]
+    )
+    settings.PORTAL_SIGSTORE_TRUSTED_ROOT = str(tmp_path / "missing.json")
+    assert {"portal.W010", "portal.E010"} <= ids()
+
+    settings.PORTAL_GALLERIES = json.dumps(
+        [{"name": "tight", "url": "file:///a.yaml", "verification": POLICY}]
+    )
+    settings.PORTAL_SIGSTORE_TRUSTED_ROOT = str(trust_root_file)
+    assert not {"portal.W010", "portal.E010", "portal.E002"} & ids()
+
+    settings.PORTAL_GALLERIES = json.dumps([{"name": "x", "url": "u", "verification": {"issuer": "i"}}])
+    assert "portal.E002" in ids()
+
+
+@pytest.mark.django_db
+def test_the_api_sets_and_clears_a_gallerys_verification_block() -> None:
+    from tests.helpers.api import client_for, make_gallery, make_user
+
+    make_gallery("main")
+    curator = client_for(make_user("curator", perms=("backends_app.change_gallery",)))
+    reader = client_for(make_user("reader"))
+
+    refused = reader.patch("/api/galleries/main/", {"verification": POLICY}, format="json")
+    set_block = curator.patch("/api/galleries/main/", {"verification": POLICY}, format="json")
+
+    assert refused.status_code == 403
+    assert set_block.status_code == 200, set_block.json()
+    assert set_block.json()["signature_mode"] == "enforce"  # a block alone enforces, as in LocalAI
+    assert curator.get("/api/galleries/main/").json()["verification"] == POLICY
+    assert Gallery.objects.get(name="main").signature_policy().enforced
+
+    incomplete = curator.patch(
+        "/api/galleries/main/", {"verification": {"issuer": GITHUB_ISSUER}}, format="json"
+    )
+    unknown = curator.patch(
+        "/api/galleries/main/", {"verification": {**POLICY, "subject": "x"}}, format="json"
+    )
+    warn = curator.patch("/api/galleries/main/", {"signature_mode": "warn"}, format="json")
+    cleared = curator.patch("/api/galleries/main/", {"verification": None}, format="json")
+    warn_without_block = curator.patch("/api/galleries/main/", {"signature_mode": "warn"}, format="json")
+
+    assert incomplete.status_code == 400 and "identity" in json.dumps(incomplete.json())
+    assert unknown.status_code == 400 and "unknown key" in json.dumps(unknown.json())
+    assert warn.status_code == 200 and warn.json()["verification"] == POLICY
+    assert cleared.status_code == 200
+    assert (cleared.json()["signature_mode"], cleared.json()["verification"]) == ("off", None)
+    assert warn_without_block.status_code == 400
+    assert "needs a verification block" in json.dumps(warn_without_block.json())
+
+
+@pytest.mark.django_db
+def test_the_api_shows_who_signed_each_installed_version() -> None:
+    from tests.helpers.api import client_for, install, make_backend, make_gallery, make_user
+
+    row = install(make_backend(make_gallery("main"), "cpu-demo"))
+    InstalledVersion.objects.filter(pk=row.pk).update(
+        signature="verified", signer_identity=BUILD_IDENTITY, signer_issuer=GITHUB_ISSUER
+    )
+
+    body = client_for(make_user("reader")).get("/api/backends/main@cpu-demo/").json()
+
+    [installed] = body["installed"]
+    assert installed["signature"] == "verified"
+    assert (installed["signer_identity"], installed["signer_issuer"]) == (BUILD_IDENTITY, GITHUB_ISSUER)
+
+
+@pytest.mark.django_db
+def test_the_admin_edits_the_block_refuses_an_incomplete_one_and_shows_signers(admin_client: Any) -> None:
+    from tests.helpers.api import install, make_backend
+
+    gallery = Gallery.objects.create(name="main", url="file:///srv/index.yaml")
+    change = f"/admin/backends_app/gallery/{gallery.pk}/change/"
+    form = {"name": "main", "url": gallery.url, "enabled": "on", "signature_mode": "enforce"}
+
+    incomplete = admin_client.post(change, {**form, "verification_issuer": GITHUB_ISSUER})
+    saved = admin_client.post(
+        change,
+        {
+            **form,
+            "verification_issuer": GITHUB_ISSUER,
+            "verification_identity_regex": BUILD_IDENTITY_REGEX,
+            "verification_not_before_0": "2026-05-01",
+            "verification_not_before_1": "00:00:00",
+        },
+    )
+
+    assert incomplete.status_code == 200 and "set identity or identity_regex" in incomplete.content.decode()
+    assert saved.status_code == 302
+    gallery.refresh_from_db()
+    assert gallery.signature_policy().enforced
+    assert gallery.verification is not None and gallery.verification.not_before is not None
+    listing = admin_client.get("/admin/backends_app/gallery/").content.decode()
+    assert "enforce: identity ~/" in listing and GITHUB_ISSUER in listing
+
+    row = install(make_backend(gallery, "cpu-demo"))
+    InstalledVersion.objects.filter(pk=row.pk).update(
+        signature="verified", signer_identity=BUILD_IDENTITY, signer_issuer=GITHUB_ISSUER
+    )
+    installed = admin_client.get("/admin/backends_app/installedversion/").content.decode()
+    assert "verified" in installed and BUILD_IDENTITY in installed
+    only_verified = admin_client.get("/admin/backends_app/installedversion/?signature=verified")
+    assert BUILD_IDENTITY in only_verified.content.decode()
+
+
+@pytest.mark.django_db
+def test_the_settings_page_says_what_each_gallery_requires_and_where_the_trust_root_is(
+    admin_client: Any, trusted: Path, settings: Any
+) -> None:
+    set_policy(Gallery.objects.create(name="signed", url="file:///s.yaml"))
+    Gallery.objects.create(name="plain", url="file:///p.yaml")
+
+    page = admin_client.get("/settings/").content.decode()
+
+    assert f"file {trusted}" in page
+    assert "enforce: identity ~/" in page and "signatures not checked" in page
+    settings.PORTAL_REQUIRE_SIGNATURES = True
+    strict = admin_client.get("/settings/").content.decode()
+    assert (
+        "on: every gallery is enforced" in strict
+        and "enforce (strict integrity): no verification policy" in strict
+    )
+
+
+@pytest.mark.django_db
+def test_the_backends_page_row_says_who_signed_the_installed_version(
+    admin_client: Any, published: Any, registry: Any, sigstore: LocalSigstore, trusted: Path
+) -> None:
+    set_policy(published.gallery)
+    sign_image(sigstore, registry.url, published.ref)
+    assert run_op(published.backend, JobKind.INSTALL).status == JobStatus.SUCCEEDED
+
+    page = admin_client.get("/").content.decode()
+
+    assert f"signed by {BUILD_IDENTITY} ({GITHUB_ISSUER})" in page

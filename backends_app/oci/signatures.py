@@ -258,9 +258,9 @@ class SignaturePolicy:
     def describe(self) -> str:
         if not self.checks:
             return "signatures not checked"
-        if self.verification is None:
-            return f"{self.mode}: no verification policy" + (" (strict integrity)" if self.strict else "")
         strict = " (strict integrity)" if self.strict else ""
+        if self.verification is None:
+            return f"{self.mode}{strict}: no verification policy, nothing can be installed"
         return f"{self.mode}{strict}: {self.verification.describe()}"
 
 

@@ -78,7 +78,7 @@ def configured_galleries(value: str | None = None) -> list[tuple[str, str]]:
 
 
 def _unanchored(pattern: str) -> bool:
-    return bool(pattern) and not (pattern.startswith("^") and pattern.endswith("$"))
+    return bool(pattern) and not (pattern.startswith(("^", r"\A")) and pattern.endswith(("$", r"\z")))
 
 
 def _nearest_existing(path: Path) -> Path:

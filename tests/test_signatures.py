@@ -580,6 +580,8 @@ def test_the_verification_block_is_validated_as_localai_does_and_more() -> None:
         ({"issuer": GITHUB_ISSUER}, "set identity or identity_regex"),
         ({**POLICY, "identity_regexp": "x"}, "unknown key"),
         ({**POLICY, "identity_regex": "(unclosed"}, "not a valid regular expression"),
+        ({**POLICY, "identity_regex": r"^(a)\1$"}, "not a valid regular expression"),  # Go has none
+        ({**POLICY, "identity_regex": "^(?=https)"}, "not a valid regular expression"),
         ({**POLICY, "not_before": "2026-05-01T00:00:00"}, "no time zone"),
         ({**POLICY, "not_before": "May 1st"}, "not an RFC 3339 time"),
         ({**POLICY, "issuer": 3}, "must be a string"),
@@ -606,6 +608,14 @@ def test_identity_rules_follow_sigstore_go_exact_and_regex_both_checked_regexes_
         verdict(issuer=GITHUB_ISSUER, identity=BUILD_IDENTITY, identity_regex="^nope$") == "_IdentityMismatch"
     )
     assert verdict(issuer_regex="^https://accounts\\.", identity=BUILD_IDENTITY) == "_IssuerMismatch"
+    assert verdict(issuer=GITHUB_ISSUER, identity_regex=r"\Ahttps://github\.com/example/.*\z") == "ok"  # Go's
+    # A pattern that backtracks exponentially in Python's `re` returns at once (RE2 is linear).
+    _, long_cert = sigstore.issue_leaf(f"https://{'a' * 80}.example/", GITHUB_ISSUER, dt.datetime.now(dt.UTC))
+    slow = signatures.IdentityPolicy(
+        signatures.Verification(issuer=GITHUB_ISSUER, identity_regex="^https://(a+)+$")
+    )
+    with pytest.raises(Exception, match="expected identity to match"):
+        slow.verify(long_cert)
     _, email_cert = sigstore.issue_leaf("builder@example.com", GITHUB_ISSUER, dt.datetime.now(dt.UTC))
     assert signatures.certificate_identity(email_cert) == "builder@example.com"
     assert signatures.certificate_issuer(email_cert) == GITHUB_ISSUER

@@ -13,8 +13,8 @@ What LocalAI does (``pkg/oci/cosignverify``), and so what this module does:
   subject is that digest (cosign v3's shape), or a message signature over it.
 * The certificate's identity must satisfy the gallery's policy: ``issuer`` and/or ``issuer_regex``,
   ``identity`` and/or ``identity_regex`` (both checked when both are given; regexes are unanchored
-  searches, as Go's ``regexp.MatchString`` is), and the earliest verified time must not be before
-  ``not_before``.
+  searches in Go's syntax, run by RE2 as Go's ``regexp.MatchString`` would), and the earliest
+  verified time must not be before ``not_before``.
 
 Where this goes beyond LocalAI: every attached bundle is tried and any one that verifies is enough
 (LocalAI verifies only the first that parses, so a junk referrer listed first blocks it); each
@@ -34,12 +34,12 @@ import datetime as dt
 import json
 import logging
 import os
-import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import re2
 from cryptography import x509
 
 from .client import RegistryClient
@@ -201,9 +201,9 @@ class Verification:
             pattern = getattr(self, key)
             if pattern:
                 try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    found[key] = f"not a valid regular expression: {exc}"
+                    compile_regex(pattern)
+                except ValueError as exc:
+                    found[key] = str(exc)
         return found
 
     def validate(self) -> None:
@@ -439,18 +439,32 @@ def certificate_identity(cert: x509.Certificate) -> str:
     return ""
 
 
+def compile_regex(pattern: str) -> Any:
+    """A policy regex compiled by RE2: Go's syntax, as LocalAI (sigstore-go) reads it, and matching
+    in linear time whatever the pattern and the certificate's text (Python's `re` backtracks).
+    ValueError when RE2 refuses it (a backreference, a lookaround, a bad escape...)."""
+    options = re2.Options()
+    options.log_errors = False  # said in the ValueError instead of on stderr
+    try:
+        return re2.compile(pattern, options)
+    except re2.error as exc:
+        reason = exc.args[0] if exc.args else ""
+        text = reason.decode(errors="replace") if isinstance(reason, bytes) else str(reason)
+        raise ValueError(f"not a valid regular expression: {text}") from None
+
+
 class IdentityPolicy:
     """A sigstore-python verification policy with sigstore-go's ``CertificateIdentity`` rules.
 
     sigstore-python's own policies match exactly only, and read the deprecated issuer extension.
-    Here the exact value and the regex are both checked when both are set, and regexes are
+    Here the exact value and the regex are both checked when both are set, and regexes are RE2
     searches (unanchored, as Go's ``regexp.MatchString``): anchor them with ``^...$``.
     """
 
     def __init__(self, verification: Verification) -> None:
         self.verification = verification
-        self._issuer = re.compile(verification.issuer_regex) if verification.issuer_regex else None
-        self._identity = re.compile(verification.identity_regex) if verification.identity_regex else None
+        self._issuer = compile_regex(verification.issuer_regex) if verification.issuer_regex else None
+        self._identity = compile_regex(verification.identity_regex) if verification.identity_regex else None
 
     def verify(self, cert: x509.Certificate) -> None:
         v = self.verification

@@ -19,9 +19,9 @@ verify is reported as refused (``refused: ...``), not installable (docs/signatur
 Registry budget: one HEAD per distinct tag (deduplicated across backends and nodes) and, when nothing
 moved, no GET at all. Signatures are looked at only for a build found to be an upgrade under an
 enforced policy: a resolve when its platform manifest is not known yet, the referrers lookup (one or
-two GETs) and two GETs per bundle. Lookups run on a thread pool (``PORTAL_REGISTRY_CONCURRENCY``) sharing one
-registry client; the threads do no ORM work. Results are written afterwards in one short transaction.
-See docs/upgrades.md.
+two GETs) and two GETs per bundle. Lookups run on a thread pool (``PORTAL_REGISTRY_CONCURRENCY``)
+sharing one registry client; the threads do no ORM work. Results are written afterwards in one
+short transaction. See docs/upgrades.md.
 """
 
 from __future__ import annotations

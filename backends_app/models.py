@@ -61,6 +61,7 @@ class Gallery(models.Model):
 
     `url` never carries credentials: a URL given with a user, a password or query values is split
     on save, `url` keeping the shareable part (`gallery.public_url`) and `url_with_credentials`
+    the whole, which only the fetch reads. Saving a URL whose shareable part is unchanged keeps
     the credentials (the admin shows the shareable part and gets it back); any other URL replaces
     them. `set_through_web` marks a URL that came from the API or the admin: its fetch is confined
     (see `gallery.check_web_url`) and its failures are told without the document's content.

@@ -382,7 +382,10 @@ def describe_trust_root(path: str | os.PathLike[str] | None) -> str:
     if not path:
         from sigstore import __version__
 
-        return f"Sigstore public-good root embedded in sigstore {__version__} (offline, no TUF update)"
+        return (
+            f"Sigstore public-good root, read offline: the copy shipped with sigstore {__version__} "
+            "(or a newer one in its cache); no TUF update"
+        )
     return f"file {os.fspath(path)}"
 
 

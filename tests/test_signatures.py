@@ -185,24 +185,47 @@ def test_off_ignores_signatures_and_writes_localais_keys_only(published: Any, se
     assert current_row().signature == InstalledVersion.Signature.NOT_CHECKED
 
 
-@pytest.mark.django_db
-@pytest.mark.parametrize("variable", ["LOCALAI_REQUIRE_BACKEND_INTEGRITY", "PORTAL_REQUIRE_SIGNATURES"])
-def test_strict_integrity_refuses_installs_from_a_gallery_without_a_policy(
-    variable: str, published: Any, trusted: Path, settings: Any, monkeypatch: Any
+@pytest.mark.parametrize(
+    ("variables", "strict"),
+    [
+        ({}, False),
+        ({"LOCALAI_REQUIRE_BACKEND_INTEGRITY": "1"}, True),
+        ({"REQUIRE_BACKEND_INTEGRITY": "true"}, True),
+        ({"PORTAL_REQUIRE_SIGNATURES": "1"}, True),
+        ({"LOCALAI_REQUIRE_BACKEND_INTEGRITY": "1", "PORTAL_REQUIRE_SIGNATURES": "0"}, False),
+    ],
+)
+def test_localais_variables_and_the_portals_turn_strict_integrity_on(
+    variables: dict[str, str], strict: bool, tmp_path: Path
 ) -> None:
-    import importlib
+    import os
+    import subprocess
+    import sys
 
-    import portal.settings as portal_settings
+    names = ("LOCALAI_REQUIRE_BACKEND_INTEGRITY", "REQUIRE_BACKEND_INTEGRITY", "PORTAL_REQUIRE_SIGNATURES")
+    env = {k: v for k, v in os.environ.items() if k not in names}
+    env.update(variables, PORTAL_DATA_DIR=str(tmp_path), DATABASE_URL="")
+    done = subprocess.run(
+        [sys.executable, "-c", "import portal.settings as s; print(s.PORTAL_REQUIRE_SIGNATURES)"],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
-    monkeypatch.setenv(variable, "1")
-    strict = importlib.reload(portal_settings).PORTAL_REQUIRE_SIGNATURES
-    monkeypatch.delenv(variable)
-    importlib.reload(portal_settings)
-    settings.PORTAL_REQUIRE_SIGNATURES = strict
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(strict)
+
+
+@pytest.mark.django_db
+def test_strict_integrity_refuses_installs_from_a_gallery_without_a_policy(
+    published: Any, trusted: Path, settings: Any
+) -> None:
+    settings.PORTAL_REQUIRE_SIGNATURES = True
 
     job = run_op(published.backend, JobKind.INSTALL)
 
-    assert strict is True
     assert job.status == JobStatus.FAILED
     assert "no_policy: strict integrity: gallery 'test' has no verification policy" in job.error
     assert not (Path(settings.PORTAL_BACKENDS_PATH) / "cpu-demo").exists()

@@ -443,8 +443,8 @@ def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registr
 class Fault:
     """What the proxy does to a matching request instead of (or while) forwarding it.
 
-    ``status``: answer with it (and ``headers`` and ``body``) without forwarding. ``truncate_after``: forward,
-    but cut the response body after that many bytes and drop the connection. ``trickle_after``:
+    ``status``: answer with it (and ``headers`` and ``body``) without forwarding. ``truncate_after``:
+    forward, but cut the response body after that many bytes and drop the connection. ``trickle_after``:
     forward that many bytes of the body at once, then ``trickle_bytes`` every ``trickle_every``
     seconds (never silent long enough for a read timeout). ``hang``: never answer. ``times``: how
     many matching requests it applies to.

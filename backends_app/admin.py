@@ -131,7 +131,14 @@ class GalleryForm(forms.ModelForm):
 
     class Meta:
         model = Gallery
-        fields = ("name", "url", "enabled")
+        fields = ("name", "url", "enabled", "signature_mode", *Gallery.VERIFICATION_FIELDS.values())
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["signature_mode"].required = False  # not posted: left as it is
+
+    def clean_signature_mode(self) -> str:
+        return str(self.cleaned_data.get("signature_mode") or self.instance.signature_mode)
 
     def clean_url(self) -> str:
         url = str(self.cleaned_data["url"]).strip()
@@ -146,11 +153,47 @@ class GalleryForm(forms.ModelForm):
 @admin.register(Gallery)
 class GalleryAdmin(RefuseHiddenActions):
     form = GalleryForm
-    list_display = ("name", "url", "credentials", "enabled", "entry_count", "last_synced_at", "last_error")
-    list_filter = ("enabled",)
+    list_display = (
+        "name",
+        "url",
+        "credentials",
+        "enabled",
+        "signatures",
+        "entry_count",
+        "last_synced_at",
+        "last_error",
+    )
+    list_filter = ("enabled", "signature_mode")
+    fieldsets = (
+        (None, {"fields": ("name", "url", "forget_credentials", "enabled")}),
+        (
+            "Signatures",
+            {
+                "description": "LocalAI's verification block: whose Sigstore signature the images of "
+                "this gallery must carry (see docs/signatures.md). Set the issuer or its regex, and "
+                "the identity or its regex; both are checked when both are set.",
+                "fields": ("signature_mode", *Gallery.VERIFICATION_FIELDS.values(), "strict_integrity"),
+            },
+        ),
+        (
+            "Sync",
+            {
+                "fields": (
+                    "credentials",
+                    "set_through_web",
+                    "etag",
+                    "last_synced_at",
+                    "last_attempt_at",
+                    "last_error",
+                    "entry_count",
+                )
+            },
+        ),
+    )
     search_fields = ("name", "url")
     readonly_fields = (
         "credentials",
+        "strict_integrity",
         "set_through_web",
         "etag",
         "last_synced_at",
@@ -169,6 +212,18 @@ class GalleryAdmin(RefuseHiddenActions):
     @admin.display(boolean=True, description="credentials kept")
     def credentials(self, gallery: Gallery) -> bool:
         return gallery.has_credentials
+
+    @admin.display(description="signatures", ordering="signature_mode")
+    def signatures(self, gallery: Gallery) -> str:
+        return gallery.signature_policy().describe()
+
+    @admin.display(description="strict integrity")
+    def strict_integrity(self, gallery: Gallery) -> str:
+        if settings.PORTAL_REQUIRE_SIGNATURES:
+            return (
+                "on (LOCALAI_REQUIRE_BACKEND_INTEGRITY or PORTAL_REQUIRE_SIGNATURES): every install enforced"
+            )
+        return "off: the mode above applies"
 
     def save_model(self, request: HttpRequest, obj: Gallery, form: Any, change: bool) -> None:
         if "url" in form.changed_data:
@@ -1008,11 +1063,20 @@ class InstalledVersionAdmin(ReadOnlyAdmin):
         "backend",
         "installed_at",
         "origin",
+        "signed",
         "problem",
     )
-    list_filter = ("state", "origin", "node")
+    list_filter = ("state", "origin", "signature", "node")
     list_select_related = ("node", "backend")
-    search_fields = ("name", "version", "digest")
+    search_fields = ("name", "version", "digest", "signer_identity")
+
+    @admin.display(description="signature", ordering="signature")
+    def signed(self, row: InstalledVersion) -> str:
+        if row.signature == InstalledVersion.Signature.VERIFIED:
+            return format_html("verified <small>{} ({})</small>", row.signer_identity, row.signer_issuer)
+        if row.signature == InstalledVersion.Signature.UNVERIFIED:
+            return format_html("<strong>not verified</strong> <small>{}</small>", row.signature_note)
+        return "-"
 
 
 class JobGroupFilter(admin.SimpleListFilter):

@@ -13,16 +13,21 @@ through its concrete one) and decides, per backend and node:
 
 Pinned backends and targets held as bad are reported (reason ``pinned: ...`` / ``held: ...``) with
 ``upgrade_available`` False. A hold is released when something newer than the held target appears.
+Under a gallery's enforced signature policy, a flagged build whose Sigstore signature does not
+verify is reported as refused (``refused: ...``), not installable (docs/signatures.md).
 
 Registry budget: one HEAD per distinct tag (deduplicated across backends and nodes) and, when nothing
-moved, no GET at all. Lookups run on a thread pool (``PORTAL_REGISTRY_CONCURRENCY``) sharing one
-registry client; the threads do no ORM work. Results are written afterwards in one short transaction.
-See docs/upgrades.md.
+moved, no GET at all. Signatures are looked at only for a build found to be an upgrade under an
+enforced policy: a resolve when its platform manifest is not known yet, the referrers lookup (one or
+two GETs) and two GETs per bundle. Lookups run on a thread pool (``PORTAL_REGISTRY_CONCURRENCY``)
+sharing one registry client; the threads do no ORM work. Results are written afterwards in one
+short transaction. See docs/upgrades.md.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import datetime as dt
 import logging
 import queue
@@ -38,6 +43,7 @@ from django.utils import timezone
 
 from backends_app import metrics, oci
 from backends_app.models import (
+    REFUSED_PREFIX,
     Backend,
     Gallery,
     InstalledVersion,
@@ -47,7 +53,8 @@ from backends_app.models import (
     PortalSettings,
     UpgradeJob,
 )
-from backends_app.registry import client_from_settings
+from backends_app.oci import signatures
+from backends_app.registry import client_from_settings, trusted_root_from_settings
 from backends_app.versions import compare_versions
 
 log = logging.getLogger(__name__)
@@ -89,6 +96,7 @@ class BackendCheck:
         "reason",
         "pinned",
         "held",
+        "refused",
         "error",
         "note",
     )
@@ -109,10 +117,16 @@ class BackendCheck:
     """Why an apparent change is not an upgrade (lower version, other platform), for people."""
     pinned: bool = False
     held: bool = False
+    refused: bool = False
+    """The build is newer but its signature does not satisfy the gallery's enforced policy."""
     error: str = ""
     decided: bool = False
     """False when an error prevented any verdict: the backend's previous check result stands."""
     release_hold: bool = False
+    source: str = ""
+    """The reference whose tag was looked at (the primary, or the mirror that answered)."""
+    available_manifest: str = ""
+    """The available build's platform manifest digest, when the check resolved it."""
 
     def as_row(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in self.ROW_KEYS}
@@ -163,10 +177,13 @@ class CheckReport:
         parts = [_plural(len(self.upgrades), "upgrade") + " available"]
         pinned = sum(1 for r in self.results if r.pinned)
         held = sum(1 for r in self.results if r.held)
+        refused = sum(1 for r in self.results if r.refused)
         if pinned:
             parts.append(f"{pinned} pinned")
         if held:
             parts.append(f"{held} held")
+        if refused:
+            parts.append(f"{refused} refused (signature)")
         parts.append(_plural(len(self.errors), "error"))
         text = f"checked {_plural(count, 'backend')}{where}: {', '.join(parts)}"
         if self.gallery_errors:
@@ -201,6 +218,7 @@ class _Target:
     held_digest: str
     held_reason: str
     gone: bool
+    signature_policy: signatures.SignaturePolicy
 
 
 @dataclass
@@ -250,6 +268,9 @@ _TARGET_FIELDS = (
     "backend__held_digest",
     "backend__held_reason",
     "backend__gone",
+    "backend__gallery__name",
+    "backend__gallery__signature_mode",
+    *(f"backend__gallery__{name}" for name in Gallery.VERIFICATION_FIELDS.values()),
 )
 
 
@@ -263,6 +284,7 @@ def _targets(nodes: Iterable[Node | str] | None) -> list[_Target]:
         .values_list(*_TARGET_FIELDS)
     )
     targets = []
+    strict = settings.PORTAL_REQUIRE_SIGNATURES
     for (
         pk,
         backend_id,
@@ -280,7 +302,11 @@ def _targets(nodes: Iterable[Node | str] | None) -> list[_Target]:
         held_digest,
         held_reason,
         gone,
+        gallery,
+        signature_mode,
+        *verification,
     ) in rows:
+        block = signatures.Verification(**dict(zip(Gallery.VERIFICATION_FIELDS, verification, strict=True)))
         targets.append(
             _Target(
                 installed_id=pk,
@@ -298,6 +324,9 @@ def _targets(nodes: Iterable[Node | str] | None) -> list[_Target]:
                 held_digest=held_digest,
                 held_reason=held_reason,
                 gone=gone,
+                signature_policy=signatures.SignaturePolicy.effective(
+                    signature_mode, block, gallery=gallery, strict=strict
+                ),
             )
         )
     return targets
@@ -384,6 +413,7 @@ def _decide(target: _Target, head: _Head, new: _Lookup | None, old: _Lookup | No
         available_version=target.gallery_version,
         available_digest=head.digest,
         error=head.error,
+        source=head.source,
     )
     if target.gone:
         result.decided = True
@@ -424,6 +454,7 @@ def _decide(target: _Target, head: _Head, new: _Lookup | None, old: _Lookup | No
         assert new is not None and old is not None
         if new.version and not result.available_version:
             result.available_version = new.version
+        result.available_manifest = new.manifest_digest
         if new.error:
             result.error = new.error
             return result
@@ -540,6 +571,7 @@ def _find_upgrades(
         job.set_phase(JobPhase.RESOLVING, f"checking {_plural(len(targets), 'backend')}")
     try:
         verdicts = _look_up(registry, targets, _progress(job, len(targets)))
+        _check_signatures(registry, verdicts)
     finally:
         counts_after = registry.request_counts
         if own_client:
@@ -676,6 +708,74 @@ def _look_up(
     return verdicts
 
 
+def _check_signatures(client: oci.RegistryClient, verdicts: list[tuple[_Target, BackendCheck]]) -> None:
+    """Under an enforced signature policy, mark flagged builds whose signature does not verify as
+    refused: reported, not flagged, so no automatic upgrade takes them (the install would refuse
+    them anyway, after the check). One verification per distinct build and policy, on a pool; the
+    threads only talk HTTP and verify.
+    """
+    pending: dict[tuple[Any, ...], list[BackendCheck]] = {}
+    for target, result in verdicts:
+        if result.upgrade_available and target.signature_policy.enforced:
+            key = (
+                result.source,
+                result.available_digest,
+                result.available_manifest,
+                target.platform,
+                target.signature_policy,
+            )
+            pending.setdefault(key, []).append(result)
+    if not pending:
+        return
+    root: list[Any] = []  # loaded once, in this thread, by the first verification that needs it
+
+    def trusted_root() -> Any:
+        if not root:
+            try:
+                root.append(trusted_root_from_settings())
+            except signatures.SignatureRejected as exc:
+                root.append(exc)
+        if isinstance(root[0], signatures.SignatureRejected):
+            raise root[0]
+        return root[0]
+
+    if any(key[4].verification is not None for key in pending):
+        with contextlib.suppress(signatures.SignatureRejected):
+            trusted_root()
+    workers = max(1, settings.PORTAL_REGISTRY_CONCURRENCY)
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="signatures") as pool:
+        futures = {pool.submit(_verify_available, client, key, trusted_root): key for key in pending}
+        for future in concurrent.futures.as_completed(futures):
+            problem = future.result()
+            if problem is None:
+                continue
+            for result in pending[futures[future]]:
+                target_text = result.available_version or short_digest(result.available_digest)
+                result.upgrade_available = False
+                result.refused = True
+                result.reason = f"{REFUSED_PREFIX}{target_text}: {problem}"
+
+
+def _verify_available(
+    client: oci.RegistryClient, key: tuple[Any, ...], trusted_root: Callable[[], Any]
+) -> signatures.SignatureRejected | None:
+    """Why a build (`key`: source, digest, its platform manifest if known, platform, policy) cannot be
+    installed under its policy, or None if it can."""
+    source, digest, manifest_digest, platform, policy = key
+    try:
+        if not manifest_digest and policy.verification is not None:
+            manifest_digest = client.resolve(_at_digest(source, digest), platform=platform).manifest_digest
+        signatures.apply_policy(client, source, manifest_digest or digest, policy, trusted_root)
+    except signatures.SignatureRejected as exc:
+        return exc
+    except oci.OCIError as exc:
+        return signatures.SignatureRejected("lookup_failed", str(exc))
+    except Exception as exc:  # a surprise in one verification must not stop the check
+        log.exception("check: verifying the signature of %s failed unexpectedly", source)
+        return signatures.SignatureRejected("lookup_failed", f"unexpected error: {exc!r}")
+    return None
+
+
 # --- recording --------------------------------------------------------------------------------------
 
 _RESULT_FIELDS = [
@@ -764,9 +864,13 @@ def _apply(backend: Backend, group: list[BackendCheck]) -> bool:
     notes = [(r.node, r.note) for r in decided if r.note]
     backend.check_note = joined(notes)[:500] if notes else ""
     flagged = [r for r in decided if r.upgrade_available]
-    reported = flagged or [r for r in decided if r.pinned or r.held]
+    reported = flagged or [r for r in decided if r.pinned or r.held or r.refused]
     backend.upgrade_available = bool(flagged)
     backend.upgrade_reason = joined([(r.node, r.reason) for r in reported])[:500] if reported else ""
+    if reported and all(r.refused for r in reported):
+        # One prefix for the whole, however many nodes: Backend.status reads it.
+        texts = [(r.node, r.reason.removeprefix(REFUSED_PREFIX)) for r in reported]
+        backend.upgrade_reason = (REFUSED_PREFIX + joined(texts))[:500]
     first = (reported or decided)[0]
     backend.available_version = first.available_version
     backend.latest_digest = first.available_digest

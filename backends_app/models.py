@@ -25,6 +25,7 @@ from django.utils import timezone
 
 from backends_app import gallery as gallery_index
 from backends_app import notify, versions
+from backends_app.oci import signatures
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,14 @@ class GalleryQuerySet(models.QuerySet["Gallery"]):
         return names
 
 
+class SignatureMode(models.TextChoices):
+    """What a gallery's installs require of their images' Sigstore signatures (docs/signatures.md)."""
+
+    OFF = signatures.OFF, "off: not checked"
+    WARN = signatures.WARN, "warn: checked, a failure is noted and the install goes on"
+    ENFORCE = signatures.ENFORCE, "enforce: an image that does not verify is refused"
+
+
 class Gallery(models.Model):
     """A LocalAI backend gallery index the portal follows.
 
@@ -82,6 +91,10 @@ class Gallery(models.Model):
     the credentials (the admin shows the shareable part and gets it back); any other URL replaces
     them. `set_through_web` marks a URL that came from the API or the admin: its fetch is confined
     (see `gallery.check_web_url`) and its failures are told without the document's content.
+
+    The `verification_*` fields are LocalAI's gallery `verification` block: whose Sigstore signature
+    the gallery's images must carry. `signature_mode` says what a failure does; a block given
+    through PORTAL_GALLERIES or the API without a mode enforces, as in LocalAI.
     """
 
     name = models.SlugField(max_length=100, unique=True)
@@ -103,6 +116,46 @@ class Gallery(models.Model):
     sync_requested_at = models.DateTimeField(
         null=True, blank=True, editable=False, help_text="When a sync was last asked of the workers."
     )
+    signature_mode = models.CharField(
+        "signatures",
+        max_length=10,
+        choices=SignatureMode.choices,
+        default=SignatureMode.OFF,
+        help_text="What installs from this gallery require of their images' Sigstore signatures. "
+        "LOCALAI_REQUIRE_BACKEND_INTEGRITY (or PORTAL_REQUIRE_SIGNATURES) enforces every gallery.",
+    )
+    verification_issuer = models.CharField(
+        "issuer", max_length=500, blank=True, help_text="The OIDC issuer, exactly."
+    )
+    verification_issuer_regex = models.CharField(
+        "issuer regex", max_length=500, blank=True, help_text="A regular expression the issuer must match."
+    )
+    verification_identity = models.CharField(
+        "identity",
+        max_length=1000,
+        blank=True,
+        help_text="The signing certificate's identity (its URI or email SAN), exactly.",
+    )
+    verification_identity_regex = models.CharField(
+        "identity regex",
+        max_length=1000,
+        blank=True,
+        help_text="A regular expression the identity must match; unanchored, as in LocalAI: write ^...$.",
+    )
+    verification_not_before = models.DateTimeField(
+        "not before",
+        null=True,
+        blank=True,
+        help_text="Signatures made before this time are refused (the revocation lever).",
+    )
+
+    VERIFICATION_FIELDS: ClassVar = {
+        "issuer": "verification_issuer",
+        "issuer_regex": "verification_issuer_regex",
+        "identity": "verification_identity",
+        "identity_regex": "verification_identity_regex",
+        "not_before": "verification_not_before",
+    }
 
     objects = GalleryQuerySet.as_manager()
 
@@ -116,6 +169,58 @@ class Gallery(models.Model):
     def save(self, *args: Any, **kwargs: Any) -> None:
         self._keep_credentials_apart()
         super().save(*args, **kwargs)
+
+    def clean(self) -> None:
+        problems = self.signature_problems()
+        if problems:
+            raise ValidationError(problems)
+
+    def signature_problems(self) -> dict[str, str]:
+        """What is wrong with the signature settings, by field: a mode that checks needs a complete
+        verification block (LocalAI's rule), and regular expressions must compile."""
+        block = self.verification
+        if block is None:
+            if self.signature_mode != SignatureMode.OFF:
+                return {
+                    "signature_mode": "checking signatures needs a verification block: "
+                    "issuer or issuer regex, and identity or identity regex"
+                }
+            return {}
+        return {self.VERIFICATION_FIELDS[key]: text for key, text in block.problems().items()}
+
+    @property
+    def verification(self) -> signatures.Verification | None:
+        """The verification block as LocalAI reads it, or None when no field is set."""
+        block = signatures.Verification(
+            issuer=self.verification_issuer,
+            issuer_regex=self.verification_issuer_regex,
+            identity=self.verification_identity,
+            identity_regex=self.verification_identity_regex,
+            not_before=self.verification_not_before,
+        )
+        return None if block.is_empty else block
+
+    def set_verification(self, block: signatures.Verification | None, mode: str | None = None) -> None:
+        """Replace the block (None clears it). Without `mode`, a block makes an unchecked gallery
+        enforce (a policy always enforces in LocalAI) and clearing it turns checking off."""
+        block = block or signatures.Verification()
+        for key, field_name in self.VERIFICATION_FIELDS.items():
+            setattr(self, field_name, getattr(block, key))
+        if mode is not None:
+            self.signature_mode = mode
+        elif block.is_empty:
+            self.signature_mode = SignatureMode.OFF
+        elif self.signature_mode == SignatureMode.OFF:
+            self.signature_mode = SignatureMode.ENFORCE
+
+    def signature_policy(self) -> signatures.SignaturePolicy:
+        """What installs from this gallery require now, strict integrity (the environment) applied."""
+        return signatures.SignaturePolicy.effective(
+            self.signature_mode,
+            self.verification,
+            gallery=self.name,
+            strict=settings.PORTAL_REQUIRE_SIGNATURES,
+        )
 
     def _keep_credentials_apart(self) -> None:
         given = (self.url or "").strip()
@@ -481,12 +586,17 @@ class BackendManager(models.Manager.from_queryset(BackendQuerySet)):  # type: ig
                 self.filter(pk__in=pks[start : start + SYNC_BATCH]).update(resolves_to=target)
 
 
+# The check writes `upgrade_reason` with this prefix when a newer build's signature is refused.
+REFUSED_PREFIX = "refused: "
+
+
 class BackendState(models.TextChoices):
     """What an operator needs to know first about a backend; `Backend.status` decides it."""
 
     NOT_INSTALLED = "not_installed", "not installed"
     HELD = "held", "held"
     PINNED = "pinned", "pinned"
+    REFUSED = "refused", "upgrade refused"
     UPGRADE_AVAILABLE = "upgrade_available", "upgrade available"
     ERROR = "error", "check failed"
     NOT_CHECKED = "not_checked", "not checked yet"
@@ -607,7 +717,8 @@ class Backend(models.Model):
         """The one answer to "what state is this backend in?", first match wins:
 
         not installed; held (a target that failed, or was rolled back from, and is still what the
-        registry offers); pinned (never upgraded automatically; says what is available); upgrade
+        registry offers); pinned (never upgraded automatically; says what is available); refused
+        (the newer build's signature does not satisfy its gallery's enforced policy); upgrade
         available (with the check's reason); error (the last check could not decide); not checked
         yet; up to date (with what the check noticed that is no upgrade, such as a tag rebuilt under
         the same version). Uses the installed rows `with_installations` prefetches.
@@ -622,6 +733,8 @@ class Backend(models.Model):
             return BackendStatus(
                 BackendState.PINNED, f"not upgraded automatically; {offered or 'nothing newer known'}"
             )
+        if self.upgrade_reason.startswith(REFUSED_PREFIX):
+            return BackendStatus(BackendState.REFUSED, self.upgrade_reason.removeprefix(REFUSED_PREFIX))
         if self.upgrade_available:
             return BackendStatus(BackendState.UPGRADE_AVAILABLE, self.upgrade_reason)
         if self.last_error:
@@ -966,6 +1079,11 @@ class InstalledVersion(models.Model):
         ADOPTED = "adopted", "found on disk"
         ROLLBACK = "rollback", "restored by a rollback"
 
+    class Signature(models.TextChoices):
+        NOT_CHECKED = "", "not checked"
+        VERIFIED = "verified", "verified"
+        UNVERIFIED = "unverified", "not verified (warn)"
+
     node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="installed")
     backend = models.ForeignKey(
         Backend, null=True, blank=True, on_delete=models.SET_NULL, related_name="installed"
@@ -983,6 +1101,19 @@ class InstalledVersion(models.Model):
     installed_at = models.DateTimeField(null=True, blank=True)
     path = models.CharField(max_length=1000)
     problem = models.CharField(max_length=500, blank=True, help_text="What is wrong on disk, if anything.")
+    # Read from metadata.json like the rest, so they follow the tree through upgrades and rollbacks.
+    signature = models.CharField(
+        max_length=12,
+        choices=Signature.choices,
+        blank=True,
+        help_text="What the install found of the image's Sigstore signature.",
+    )
+    signer_identity = models.CharField(max_length=1000, blank=True, help_text="The verified signer (SAN).")
+    signer_issuer = models.CharField(max_length=500, blank=True, help_text="Its OIDC issuer.")
+    signed_at = models.DateTimeField(null=True, blank=True, help_text="The signature's verified time.")
+    signature_note = models.CharField(
+        max_length=500, blank=True, help_text="Why it did not verify (warn), or where the bundle was."
+    )
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
@@ -999,6 +1130,15 @@ class InstalledVersion(models.Model):
     @property
     def short_digest(self) -> str:
         return self.digest.removeprefix("sha256:")[:12]
+
+    @property
+    def signature_summary(self) -> str:
+        """One line for the pages: who signed it, or why it did not verify."""
+        if self.signature == self.Signature.VERIFIED:
+            return f"signed by {self.signer_identity} ({self.signer_issuer})"
+        if self.signature == self.Signature.UNVERIFIED:
+            return f"signature not verified: {self.signature_note}"
+        return ""
 
 
 class PortalSettings(models.Model):

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from django.db import transaction
 from django.utils import timezone
@@ -39,7 +40,8 @@ from backends_app.models import (
     PortalSettings,
     UpgradeJob,
 )
-from backends_app.registry import client_from_settings
+from backends_app.oci import signatures
+from backends_app.registry import client_from_settings, trusted_root_from_settings
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,10 @@ class Cancelled(ProcedureError):
 
 class RolledBack(ProcedureError):
     """The new version failed its health check and the previous one was put back."""
+
+
+class SignatureRefused(ProcedureError):
+    """The image's signature does not satisfy its gallery's enforced policy; nothing was touched."""
 
 
 def crash_point(name: str) -> None:
@@ -247,6 +253,10 @@ def install_concrete(op: Operation, backend: Backend) -> str:
             to_digest=resolved.digest,
             source=resolved.source,
         )
+        # The platform manifest the pull will fetch (it verifies every blob against it), checked
+        # before a byte of it is downloaded; again after the pull if a mirror served another one.
+        policy = backend.gallery.signature_policy()
+        signature = _check_signature(op, backend, policy, resolved.source, resolved.manifest_digest)
         needed = int(resolved.total_compressed_size * (1 + UNPACK_RATIO))
         fsops.ensure_free_space(op.state.root, needed, SPACE_MARGIN)
         op.checkpoint("resolved")
@@ -254,6 +264,8 @@ def install_concrete(op: Operation, backend: Backend) -> str:
         op.phase(JobPhase.DOWNLOADING, f"downloading {resolved.source}")
         staging.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         pulled = _pull(op, resolved, refs, staging)
+        if (pulled.source, pulled.manifest_digest) != (resolved.source, resolved.manifest_digest):
+            signature = _check_signature(op, backend, policy, pulled.source, pulled.manifest_digest)
         version = backend.version or pulled.version or ""
         job._update(to_version=version, to_digest=pulled.digest, source=pulled.source)
         op.checkpoint("downloaded")
@@ -269,6 +281,7 @@ def install_concrete(op: Operation, backend: Backend) -> str:
                 version=version,
                 uri=backend.uri,
                 digest=pulled.digest,
+                extra=_signature_record(signature),
             ),
         )
         precheck = health_check(staging)
@@ -282,7 +295,38 @@ def install_concrete(op: Operation, backend: Backend) -> str:
         op.journal.clear(name)
         raise
     _swap_in(op, backend, source=staging, source_is_kept=False)
-    return f"{name} {version or pulled.digest[:19]} installed from {pulled.source}"
+    summary = f"{name} {version or pulled.digest[:19]} installed from {pulled.source}"
+    return f"{summary}; {signature.summary()}" if signature.summary() else summary
+
+
+def _check_signature(
+    op: Operation, backend: Backend, policy: signatures.SignaturePolicy, source: str, digest: str
+) -> signatures.SignatureOutcome:
+    """Apply the gallery's signature policy to the image manifest `digest` from `source`.
+
+    Enforced and not satisfied: `SignatureRefused`, saying why. Under warn the problem goes into
+    the job's message and the install goes on.
+    """
+    if not policy.checks:
+        return signatures.SignatureOutcome(status="skipped", digest=digest)
+    op.phase(JobPhase.RESOLVING, f"verifying the signature of {digest[:19]}")
+    try:
+        outcome = signatures.apply_policy(op.client, source, digest, policy, trusted_root_from_settings)
+    except signatures.SignatureRejected as exc:
+        raise SignatureRefused(
+            f"{backend.name} {digest[:19]} refused by the signature policy of gallery "
+            f"{backend.gallery.name}: {exc}"
+        ) from None
+    if outcome.problem is not None:
+        log.warning("job %s: %s: %s", op.job.pk, backend.name, outcome.summary())
+        op.phase(JobPhase.RESOLVING, outcome.summary())
+    return outcome
+
+
+def _signature_record(outcome: signatures.SignatureOutcome) -> dict[str, Any]:
+    """What metadata.json keeps of the signature check (nothing when none ran)."""
+    record = outcome.to_json()
+    return {layout.SIGNATURE_KEY: record} if record else {}
 
 
 def _pull(op: Operation, resolved: oci.Resolved, refs: list[str], staging: Path) -> oci.PullResult:
@@ -600,6 +644,45 @@ def record_disk_state(node: Node, names: Iterable[str] | None = None, origin: st
     return problems
 
 
+def _signature_values(meta: layout.BackendMetadata) -> dict[str, Any]:
+    """The InstalledVersion signature fields from what the install wrote into metadata.json.
+
+    The file is ours to write but anyone with access to the directory can edit it: values of the
+    wrong type read as "not checked".
+    """
+    record = meta.extra.get(layout.SIGNATURE_KEY)
+    values: dict[str, Any] = {
+        "signature": InstalledVersion.Signature.NOT_CHECKED,
+        "signer_identity": "",
+        "signer_issuer": "",
+        "signed_at": None,
+        "signature_note": "",
+    }
+    if not isinstance(record, dict) or not all(isinstance(v, (str, int)) for v in record.values()):
+        return values
+
+    def text(key: str, limit: int) -> str:
+        return str(record.get(key) or "")[:limit]
+
+    if record.get("status") == "verified":
+        values.update(
+            signature=InstalledVersion.Signature.VERIFIED,
+            signer_identity=text("identity", 1000),
+            signer_issuer=text("issuer", 500),
+            signed_at=layout.parse_rfc3339(text("signed_at", 100)),
+            signature_note=(
+                f"image {text('digest', 19)}.., bundle {text('bundle', 19)}.., "
+                f"log index {text('log_index', 20)}"
+            ),
+        )
+    elif record.get("status") == "unverified":
+        values.update(
+            signature=InstalledVersion.Signature.UNVERIFIED,
+            signature_note=f"{text('reason', 50)}: {text('detail', 440)}",
+        )
+    return values
+
+
 def _upsert_row(
     node: Node,
     name: str,
@@ -623,6 +706,7 @@ def _upsert_row(
         "digest": meta.digest,
         "installed_at": meta.installed_datetime,
         "problem": problem[:500],
+        **_signature_values(meta),
     }
     row = rows.get(str(path))
     if row is None and state == InstalledVersion.State.CURRENT:

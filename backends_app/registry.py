@@ -2,16 +2,22 @@
 and the observer counting its requests for /metrics.
 
 The one place that turns `PORTAL_REGISTRY_*` settings into an `oci.RegistryClient`; the procedure,
-the upgrade check, the commands and the benchmarks all build their client here.
+the upgrade check, the commands and the benchmarks all build their client here. The Sigstore trust
+root signatures are verified against comes from here too (`PORTAL_SIGSTORE_TRUSTED_ROOT`).
 """
 
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 
 from backends_app import metrics, oci
+from backends_app.oci import signatures
+
+if TYPE_CHECKING:
+    from sigstore.models import TrustedRoot
 
 
 def client_from_settings(platform: str | None = None) -> oci.RegistryClient:
@@ -30,3 +36,16 @@ def client_from_settings(platform: str | None = None) -> oci.RegistryClient:
             on_response=metrics.record_registry_response,  # requests by status, 429s included
         )
     )
+
+
+def trusted_root_from_settings() -> TrustedRoot:
+    """The Sigstore trust root PORTAL_SIGSTORE_TRUSTED_ROOT names, or the public-good one offline.
+
+    Raises `oci.signatures.SignatureRejected` (reason ``trust_root``) when it cannot be read.
+    """
+    return signatures.load_trusted_root(settings.PORTAL_SIGSTORE_TRUSTED_ROOT or None)
+
+
+def trust_root_source() -> str:
+    """Where signatures are verified against, in one line (settings page, admin)."""
+    return signatures.describe_trust_root(settings.PORTAL_SIGSTORE_TRUSTED_ROOT or None)

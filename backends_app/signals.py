@@ -4,19 +4,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from backends_app.system_checks import configured_galleries
+from backends_app.system_checks import configured_gallery_items
 
 
 def seed_defaults(**kwargs: Any) -> None:
-    """Create the galleries named in PORTAL_GALLERIES that do not exist yet; never overwrite edits."""
+    """Create the galleries named in PORTAL_GALLERIES that do not exist yet; never overwrite edits.
+
+    A `verification` block given there is stored with a new gallery, and on an existing one that
+    has none yet; a block set in the admin or the API is never replaced.
+    """
     from backends_app.models import Gallery, NotificationTarget, PortalSettings
 
     try:
-        galleries = configured_galleries()
+        galleries = configured_gallery_items()
     except ValueError:
         galleries = []  # reported by the system check
-    for name, url in galleries:
-        Gallery.objects.get_or_create(name=name, defaults={"url": url})
+    for item in galleries:
+        gallery, _ = Gallery.objects.get_or_create(name=item.name, defaults={"url": item.url})
+        if item.verification is not None and gallery.verification is None:
+            gallery.set_verification(item.verification, item.signature_mode)
+            gallery.save()
     PortalSettings.load()
     NotificationTarget.seed_from_settings()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +14,26 @@ from django.core.checks import Error, Warning, register
 
 from backends_app import notify
 from backends_app.disk import layout
+from backends_app.oci import signatures
 
 
-def configured_galleries(value: str | None = None) -> list[tuple[str, str]]:
-    """The galleries named by PORTAL_GALLERIES as (name, url) pairs.
+@dataclass(frozen=True)
+class ConfiguredGallery:
+    """One gallery PORTAL_GALLERIES names, with its signature policy when the JSON form gives one."""
 
-    Two forms: LocalAI's JSON list (`[{"name": "localai", "url": "github:..."}]`) or a comma-separated
-    list of `name=url`. Raises ValueError with a message naming the problem.
+    name: str
+    url: str
+    verification: signatures.Verification | None = None
+    signature_mode: str | None = None
+
+
+def configured_gallery_items(value: str | None = None) -> list[ConfiguredGallery]:
+    """The galleries named by PORTAL_GALLERIES.
+
+    Two forms: LocalAI's JSON list (`[{"name": "localai", "url": "github:...", "verification":
+    {"issuer": ..., "identity_regex": ...}}]`, as LOCALAI_BACKEND_GALLERIES takes it; the portal
+    also reads `signature_mode`: off, warn or enforce) or a comma-separated list of `name=url`.
+    Raises ValueError with a message naming the problem.
     """
     text = (settings.PORTAL_GALLERIES if value is None else value).strip()
     if not text:
@@ -29,19 +43,44 @@ def configured_galleries(value: str | None = None) -> list[tuple[str, str]]:
             items = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"PORTAL_GALLERIES is not valid JSON: {exc}") from exc
-        pairs = []
+        galleries = []
         for item in items:
             if not isinstance(item, dict) or not item.get("name") or not item.get("url"):
                 raise ValueError(f"PORTAL_GALLERIES: each item needs a name and a url, got {item!r}")
-            pairs.append((str(item["name"]), str(item["url"])))
-        return pairs
-    pairs = []
+            name = str(item["name"])
+            try:
+                block = item.get("verification")
+                verification = None if block is None else signatures.Verification.from_json(block)
+            except ValueError as exc:
+                raise ValueError(f"PORTAL_GALLERIES: gallery {name!r}: {exc}") from None
+            mode = item.get("signature_mode")
+            if mode is not None and mode not in signatures.MODES:
+                raise ValueError(
+                    f"PORTAL_GALLERIES: gallery {name!r}: signature_mode must be one of "
+                    f"{', '.join(signatures.MODES)}, not {mode!r}"
+                )
+            if mode in (signatures.WARN, signatures.ENFORCE) and verification is None:
+                raise ValueError(
+                    f"PORTAL_GALLERIES: gallery {name!r}: signature_mode {mode} needs a verification block"
+                )
+            galleries.append(ConfiguredGallery(name, str(item["url"]), verification, mode))
+        return galleries
+    galleries = []
     for part in text.split(","):
         name, sep, url = part.strip().partition("=")
         if not sep or not name.strip() or not url.strip():
             raise ValueError(f"PORTAL_GALLERIES: {part.strip()!r} is not of the form name=url")
-        pairs.append((name.strip(), url.strip()))
-    return pairs
+        galleries.append(ConfiguredGallery(name.strip(), url.strip()))
+    return galleries
+
+
+def configured_galleries(value: str | None = None) -> list[tuple[str, str]]:
+    """The galleries named by PORTAL_GALLERIES as (name, url) pairs (see `configured_gallery_items`)."""
+    return [(item.name, item.url) for item in configured_gallery_items(value)]
+
+
+def _unanchored(pattern: str) -> bool:
+    return bool(pattern) and not (pattern.startswith(("^", r"\A")) and pattern.endswith(("$", r"\z")))
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -56,9 +95,22 @@ def portal_settings_check(app_configs: Any = None, **kwargs: Any) -> list[Error 
         Error(f"Invalid setting: {text}", id="portal.E001") for text in settings.INVALID_SETTINGS
     ]
     try:
-        configured_galleries()
+        galleries = configured_gallery_items()
     except ValueError as exc:
+        galleries = []
         problems.append(Error(str(exc), id="portal.E002"))
+    for item in galleries:
+        block = item.verification
+        if block is not None and (_unanchored(block.identity_regex) or _unanchored(block.issuer_regex)):
+            problems.append(
+                Warning(
+                    f"PORTAL_GALLERIES: gallery {item.name!r}: an unanchored regex in verification "
+                    "matches anywhere in the value (a fork's workflow URL may contain yours)",
+                    hint="Write it as ^...$, as LocalAI's own example does.",
+                    id="portal.W010",
+                )
+            )
+    problems += _trust_root_problems(settings.PORTAL_SIGSTORE_TRUSTED_ROOT)
     backends = Path(settings.PORTAL_BACKENDS_PATH)
     anchor = _nearest_existing(backends)
     if backends.exists() and not backends.is_dir():
@@ -114,3 +166,26 @@ def notification_settings_check(app_configs: Any = None, **kwargs: Any) -> list[
             )
         )
     return problems
+
+
+def _trust_root_problems(path: str) -> list[Error | Warning]:
+    """A trust root file that cannot be what sigstore reads. Only its kind is checked here: loading
+    it (with sigstore) waits for the first verification."""
+    if not path:
+        return []
+    try:
+        with open(path, "rb") as handle:
+            media_type = json.loads(handle.read(16 * 1024 * 1024)).get("mediaType", "")
+    except (OSError, ValueError, AttributeError) as exc:
+        return [
+            Error(f"PORTAL_SIGSTORE_TRUSTED_ROOT={path}: cannot be read as JSON: {exc}", id="portal.E010")
+        ]
+    if media_type not in (signatures.TRUSTED_ROOT_TYPE, signatures.CLIENT_TRUST_CONFIG_TYPE):
+        return [
+            Error(
+                f"PORTAL_SIGSTORE_TRUSTED_ROOT={path}: mediaType {media_type!r} is neither a Sigstore "
+                "trusted root nor a client trust config",
+                id="portal.E010",
+            )
+        ]
+    return []

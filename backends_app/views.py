@@ -40,7 +40,7 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from backends_app import gallery as gallery_index
-from backends_app import live, notification_views, permissions
+from backends_app import live, notification_views, permissions, registry
 from backends_app.models import (
     Backend,
     BackendState,
@@ -718,6 +718,9 @@ def settings_page(request: HttpRequest) -> HttpResponse:
             "can_operate": can_operate(request.user),
             "time_zone": settings.TIME_ZONE,
             "notifications": notification_views.card(request.user),
+            "galleries": Gallery.objects.order_by("name"),
+            "trust_root": registry.trust_root_source(),
+            "strict_signatures": settings.PORTAL_REQUIRE_SIGNATURES,
             "nav": "settings",
         },
     )

@@ -321,6 +321,14 @@ PORTAL_REGISTRY_SPEED_TIME = env_int("PORTAL_REGISTRY_SPEED_TIME", 60)
 PORTAL_REGISTRY_BLOB_DEADLINE = env_int("PORTAL_REGISTRY_BLOB_DEADLINE", 3600)
 PORTAL_REGISTRY_AUTH_FILE = env_str("PORTAL_REGISTRY_AUTH_FILE", os.path.expanduser("~/.docker/config.json"))
 PORTAL_GALLERY_TIMEOUT = env_int("PORTAL_GALLERY_TIMEOUT", 30)
+# Signatures (docs/signatures.md): the Sigstore trust root (a trusted_root.json or ClientTrustConfig
+# file; empty: the public-good root shipped with sigstore, offline), and LocalAI's strict integrity,
+# which enforces every gallery's policy and refuses installs from a gallery that has none.
+PORTAL_SIGSTORE_TRUSTED_ROOT = env_str("PORTAL_SIGSTORE_TRUSTED_ROOT")
+PORTAL_REQUIRE_SIGNATURES = env_bool(
+    "PORTAL_REQUIRE_SIGNATURES",
+    env_bool("LOCALAI_REQUIRE_BACKEND_INTEGRITY", env_bool("REQUIRE_BACKEND_INTEGRITY", False)),
+)
 # `manage.py worker` and `serve`: seconds between heartbeats (a node is offline after 90 s without
 # one), and seconds a stopping process gets before its process group is killed.
 PORTAL_HEARTBEAT_INTERVAL = env_int("PORTAL_HEARTBEAT_INTERVAL", 30)

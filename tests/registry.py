@@ -443,8 +443,8 @@ def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registr
 class Fault:
     """What the proxy does to a matching request instead of (or while) forwarding it.
 
-    ``status``: answer with it (and ``headers``) without forwarding. ``truncate_after``: forward,
-    but cut the response body after that many bytes and drop the connection. ``trickle_after``:
+    ``status``: answer with it (and ``headers`` and ``body``) without forwarding. ``truncate_after``:
+    forward, but cut the response body after that many bytes and drop the connection. ``trickle_after``:
     forward that many bytes of the body at once, then ``trickle_bytes`` every ``trickle_every``
     seconds (never silent long enough for a read timeout). ``hang``: never answer. ``times``: how
     many matching requests it applies to.
@@ -453,6 +453,7 @@ class Fault:
     match: Callable[[str, str], bool]
     status: int | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
     truncate_after: int | None = None
     trickle_after: int | None = None
     trickle_bytes: int = 1
@@ -535,8 +536,10 @@ class FaultProxy:
             handler.send_response(fault.status)
             for name, value in fault.headers.items():
                 handler.send_header(name, value)
-            handler.send_header("Content-Length", "0")
+            handler.send_header("Content-Length", str(len(fault.body)))
             handler.end_headers()
+            if method != "HEAD":
+                handler.wfile.write(fault.body)
             return
         connection = http.client.HTTPConnection(self.upstream, timeout=30)
         try:

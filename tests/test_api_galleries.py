@@ -47,6 +47,8 @@ def test_galleries_are_listed_with_their_sync_state(api: Any) -> None:
         "url": "file:///srv/index.yaml",
         "has_credentials": False,
         "enabled": True,
+        "signature_mode": "off",
+        "verification": None,
         "entry_count": 3,
         "last_synced_at": None,
         "last_attempt_at": None,

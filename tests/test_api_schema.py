@@ -21,12 +21,14 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from backends_app.models import Gallery, JobKind, JobStatus, Node, UpgradeJob
 from tests.helpers.api import flag_upgrade, install, make_backend, make_gallery, make_user
 
-# Where JSON Schema cannot say what is valid: a supported gallery URL form, a maintenance window whose
-# two ends differ, a node that exists. There a schema-valid body may rightly get a 400.
+# Where JSON Schema cannot say what is valid: a supported gallery URL form, a complete verification
+# block, a maintenance window whose two ends differ, a node that exists. There a schema-valid body may
+# rightly get a 400.
 BUSINESS_RULES = {
     "POST /api/galleries/",
     "POST /api/notification-targets/",
     "PATCH /api/notification-targets/{id}/",
+    "PATCH /api/galleries/{name}/",
     "PATCH /api/settings/",
     "POST /api/upgrades/apply/",
     *(f"POST /api/backends/{{name}}/{verb}/" for verb in ("install", "upgrade", "rollback", "uninstall")),

@@ -24,6 +24,7 @@ from backends_app.models import (
     PortalSettings,
     UpgradeJob,
 )
+from backends_app.oci import signatures
 
 NAME_MAX_LENGTH = 255
 
@@ -102,6 +103,13 @@ class InstalledOnNodeSerializer(serializers.Serializer):
     state = serializers.CharField()
     kept_versions = serializers.IntegerField()
     problem = serializers.CharField()
+    signature = serializers.ChoiceField(
+        choices=["", "verified", "unverified"],
+        help_text="What the install found of the image's Sigstore signature: verified, unverified "
+        "(the gallery only warns) or empty (not checked).",
+    )
+    signer_identity = serializers.CharField(help_text="The verified signer's identity (certificate SAN).")
+    signer_issuer = serializers.CharField(help_text="The verified signer's OIDC issuer.")
 
 
 class BackendSerializer(serializers.ModelSerializer):
@@ -170,6 +178,9 @@ class BackendSerializer(serializers.ModelSerializer):
                 "state": row.state,
                 "kept_versions": len(backend.kept_versions_on(row.node_id)),
                 "problem": row.problem,
+                "signature": row.signature,
+                "signer_identity": row.signer_identity,
+                "signer_issuer": row.signer_issuer,
             }
             for row in backend.current_versions()
         ]
@@ -431,16 +442,63 @@ class PortalSettingsSerializer(JsonBodySerializer, serializers.ModelSerializer):
         return {name: getattr(self.instance, name) for name in names}
 
 
+@extend_schema_field(
+    {
+        "type": "object",
+        "nullable": True,
+        "properties": {
+            "issuer": {"type": "string"},
+            "issuer_regex": {"type": "string"},
+            "identity": {"type": "string"},
+            "identity_regex": {"type": "string"},
+            "not_before": {"type": "string", "format": "date-time"},
+        },
+        "additionalProperties": False,
+        "example": {
+            "issuer": "https://token.actions.githubusercontent.com",
+            "identity_regex": r"^https://github\.com/mudler/LocalAI/\.github/workflows/.+@refs/heads/master$",
+        },
+    }
+)
+class VerificationField(serializers.Field):
+    """LocalAI's gallery `verification` block, read and written whole (null: none)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(source="*", required=False, allow_null=True, **kwargs)
+
+    def validate_empty_values(self, data: Any) -> tuple[bool, Any]:
+        if data is None:  # null clears the block
+            return True, self.to_internal_value({})
+        return super().validate_empty_values(data)
+
+    def to_representation(self, gallery: Gallery) -> dict[str, str] | None:
+        block = gallery.verification
+        return block.to_json() if block is not None else None
+
+    def to_internal_value(self, data: Any) -> dict[str, Any]:
+        try:
+            block = signatures.Verification.from_json(data) if data else signatures.Verification()
+        except ValueError as exc:
+            raise serializers.ValidationError(str(exc)) from exc
+        return {field: getattr(block, key) for key, field in Gallery.VERIFICATION_FIELDS.items()}
+
+
 class GallerySerializer(JsonBodySerializer, serializers.ModelSerializer):
-    """A gallery index the portal follows. Only name, url and enabled are written.
+    """A gallery index the portal follows: name, url, enabled and its signature policy are written.
 
     `url` is answered without credentials; `has_credentials` says whether some are kept apart.
     A URL set here may not reach this machine: file:// only under PORTAL_GALLERY_FILE_ROOTS, no
-    loopback or link-local host (docs/galleries.md).
+    loopback or link-local host (docs/galleries.md). `verification` is LocalAI's block; given
+    without `signature_mode` on a gallery that does not check signatures, it enforces (as in
+    LocalAI); null clears it (docs/signatures.md).
     """
 
     has_credentials = serializers.BooleanField(
         read_only=True, help_text="A user, password or query values were given with the URL; never shown."
+    )
+    verification = VerificationField(
+        help_text="LocalAI's verification block: issuer or issuer_regex, and identity or identity_regex; "
+        "not_before (RFC 3339) refuses older signatures."
     )
 
     class Meta:
@@ -450,6 +508,8 @@ class GallerySerializer(JsonBodySerializer, serializers.ModelSerializer):
             "url",
             "has_credentials",
             "enabled",
+            "signature_mode",
+            "verification",
             "entry_count",
             "last_synced_at",
             "last_attempt_at",
@@ -458,14 +518,40 @@ class GallerySerializer(JsonBodySerializer, serializers.ModelSerializer):
         read_only_fields = ["entry_count", "last_synced_at", "last_attempt_at", "last_error"]
 
     def validate_url(self, value: str) -> str:
+        if self.instance is not None and value.strip() == self.instance.url:
+            return self.instance.url  # unchanged: however it was set, it stays as it was
         try:
             gallery_index.check_web_url(value, settings.PORTAL_GALLERY_FILE_ROOTS)
         except gallery_index.GalleryError as exc:
             raise serializers.ValidationError(str(exc)) from exc
         return value.strip()
 
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        """The model's signature rules decide, on the gallery as it would be saved."""
+        names = ["signature_mode", *Gallery.VERIFICATION_FIELDS.values()]
+        candidate = Gallery(**{n: getattr(self.instance, n) for n in names} if self.instance else {})
+        block_given = "verification_issuer" in attrs
+        if block_given:
+            for field_name in Gallery.VERIFICATION_FIELDS.values():
+                setattr(candidate, field_name, attrs[field_name])
+        if "signature_mode" in attrs:
+            candidate.signature_mode = attrs["signature_mode"]
+        elif block_given:
+            candidate.set_verification(candidate.verification)  # a block alone enforces, as in LocalAI
+            attrs["signature_mode"] = candidate.signature_mode
+        problems = candidate.signature_problems()
+        if problems:
+            field_name = "signature_mode" if "signature_mode" in problems else "verification"
+            raise serializers.ValidationError({field_name: list(problems.values())})
+        return attrs
+
     def create(self, validated_data: dict[str, Any]) -> Gallery:
         return super().create({**validated_data, "set_through_web": True})
+
+    def update(self, instance: Gallery, validated_data: dict[str, Any]) -> Gallery:
+        if validated_data.get("url", instance.url) != instance.url:
+            validated_data["set_through_web"] = True
+        return super().update(instance, validated_data)
 
 
 class SyncRequestSerializer(JsonBodySerializer):

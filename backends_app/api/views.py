@@ -550,10 +550,21 @@ GALLERY_NAME = OpenApiParameter(
         "github:owner/repo/path@branch) but not fetched; sync it next.",
         responses={201: GallerySerializer, 400: ERRORS[400]},
     ),
+    partial_update=extend_schema(
+        summary="Change a gallery",
+        description="Any of url, enabled, signature_mode and verification (LocalAI's block, replaced "
+        "whole; null clears it). See docs/signatures.md.",
+        parameters=[GALLERY_NAME],
+        responses={200: GallerySerializer, 400: ERRORS[400], 404: OpenApiResponse(ErrorSerializer)},
+    ),
 )
 @extend_schema(tags=["galleries"])
 class GalleryViewSet(
-    mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin, viewsets.GenericViewSet
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.CreateModelMixin,
+    mixins.UpdateModelMixin,
+    viewsets.GenericViewSet,
 ):
     """The gallery indexes the portal reads backends from."""
 
@@ -561,6 +572,7 @@ class GalleryViewSet(
     queryset = Gallery.objects.all()
     lookup_field = "name"
     lookup_value_regex = r"[^/]+"
+    http_method_names = ["get", "post", "patch", "head", "options"]  # changes are partial: no PUT
 
     def get_write_action(self, request: Request) -> str:
         return permissions.ADD_GALLERY if self.action == "create" else permissions.CHANGE_GALLERY

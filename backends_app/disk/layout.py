@@ -43,6 +43,10 @@ METADATA_KEYS = (
     "uri",
     "digest",
 )
+# What the portal adds to metadata.json, under a key LocalAI's decoder ignores (Go's json.Unmarshal
+# skips unknown keys, and LocalAI rewrites the file only when it installs the backend itself): the
+# outcome of the signature check of the installed image (docs/signatures.md).
+SIGNATURE_KEY = "portal_signature"
 
 
 # --- names and timestamps ----------------------------------------------------------------------

@@ -72,6 +72,7 @@ from .manifest import (
     INDEX_TYPES,
     MANIFEST_ACCEPT,
     MAX_MANIFEST_BYTES,
+    OCI_INDEX,
     VERSION_ANNOTATION,
     Descriptor,
     Platform,
@@ -341,6 +342,60 @@ class RegistryClient:
         """The image config JSON (labels, platform, ...), digest-verified. One GET."""
         body = self._get_blob_bytes(resolved.reference, resolved.config)
         return load_json(body, f"{resolved.reference} config")
+
+    def referrers(self, ref: str | Reference, digest: str) -> dict[str, Any] | None:
+        """The OCI 1.1 referrers API: the index of the manifests whose ``subject`` is ``digest``.
+
+        None when the registry has no referrers API (it answers 404, 400, 405 or 501, as registries
+        older than distribution-spec 1.1 do); then the referrers tag schema is where to look. One GET.
+        """
+        reference = parse_reference(ref)
+        response = self._request(
+            "GET",
+            reference,
+            f"referrers/{validate_digest(digest)}",
+            headers={"Accept": OCI_INDEX},
+            what="referrers",
+            stream=True,
+            ok=(200, 400, 404, 405, 501),
+        )
+        where = f"{reference.name} referrers of {digest}"
+        if response.status_code != 200:
+            response.close()
+            return None
+        body = _read_limited(response, MAX_MANIFEST_BYTES, where, self._watch(where))
+        data = load_json(body, where)
+        return data if media_type_of(data, response.headers.get("Content-Type")) == OCI_INDEX else None
+
+    def fetch_manifest(self, ref: str | Reference, identifier: str) -> tuple[dict[str, Any], str]:
+        """A manifest or index of ``ref``'s repository by tag or digest, and its media type.
+
+        Fetched by digest, its bytes are verified against it. ``NotFound`` when it does not exist.
+        """
+        reference = parse_reference(ref)
+        if identifier.partition(":")[1]:
+            return self._get_manifest(reference, validate_digest(identifier))
+        response = self._request(
+            "GET",
+            reference,
+            f"manifests/{identifier}",
+            headers={"Accept": MANIFEST_ACCEPT},
+            what="manifest",
+            stream=True,
+        )
+        where = f"{reference.name}:{identifier}"
+        body = _read_limited(response, MAX_MANIFEST_BYTES, where, self._watch(where))
+        data = load_json(body, where)
+        return data, media_type_of(data, response.headers.get("Content-Type"))
+
+    def fetch_blob(self, ref: str | Reference, descriptor: Descriptor, max_bytes: int) -> bytes:
+        """A small blob held in memory (at most ``max_bytes``), verified against its digest. One GET."""
+        if descriptor.size > max_bytes:
+            raise OCIError(
+                f"{parse_reference(ref).name}@{descriptor.digest}: {descriptor.size} bytes is more than "
+                f"the {max_bytes} allowed"
+            )
+        return self._get_blob_bytes(parse_reference(ref), descriptor)
 
     def pull(
         self,

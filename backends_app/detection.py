@@ -38,7 +38,7 @@ from django.db.models import Q
 from django.utils import timezone
 from packaging.version import InvalidVersion, Version
 
-from backends_app import oci
+from backends_app import oci, sources
 from backends_app.models import (
     Backend,
     Gallery,
@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 
 # Seconds between two progress writes on the job row (a check of 500 backends writes a handful).
 PROGRESS_INTERVAL = 0.5
+#: How a reason says the upgrade only rewrites metadata.json (the build installed is the one offered).
+METADATA_ONLY = "metadata only: no download"
 
 
 class CheckCancelled(Exception):
@@ -235,11 +237,17 @@ class _Target:
     installed_digest: str
     gallery_version: str
     chain: tuple[str, ...]
+    """Image references to HEAD, in order: the installed source first (see `_targets`)."""
     pinned: bool
     held_version: str
     held_digest: str
     held_reason: str
     gone: bool
+    kind: str = sources.IMAGE
+    """What the gallery's uri names: an image, a local path or a URL (`sources.kind_of`)."""
+    gallery_sha256: str = ""
+    archive: bool = False
+    """The uri names an archive (a URL, or a local file rather than a directory)."""
 
 
 @dataclass
@@ -289,6 +297,8 @@ _TARGET_FIELDS = (
     "backend__held_digest",
     "backend__held_reason",
     "backend__gone",
+    "uri",
+    "backend__sha256",
 )
 
 
@@ -319,7 +329,17 @@ def _targets(nodes: Iterable[Node | str] | None) -> list[_Target]:
         held_digest,
         held_reason,
         gone,
+        installed_uri,
+        gallery_sha256,
     ) in rows:
+        kind = sources.kind_of(uri) if uri else sources.IMAGE
+        chain = Backend.chain_for(uri, mirrors)
+        if kind == sources.IMAGE:
+            # Compared with the source the installed build came from (a mirror, a tag fallback),
+            # when the gallery still offers it; the others follow in the gallery's order.
+            chain = [ref for ref in chain if sources.kind_of(ref) == sources.IMAGE]
+            if installed_uri in chain:
+                chain = [installed_uri, *(ref for ref in chain if ref != installed_uri)]
         targets.append(
             _Target(
                 installed_id=pk,
@@ -331,12 +351,15 @@ def _targets(nodes: Iterable[Node | str] | None) -> list[_Target]:
                 installed_version=version,
                 installed_digest=digest,
                 gallery_version=gallery_version,
-                chain=tuple(ref for ref in [uri, *(mirrors or [])] if ref),  # Backend.reference_chain
+                chain=tuple(chain) if kind == sources.IMAGE else (),
                 pinned=pinned,
                 held_version=held_version,
                 held_digest=held_digest,
                 held_reason=held_reason,
                 gone=gone,
+                kind=kind,
+                gallery_sha256=gallery_sha256,
+                archive=kind == sources.URL or sources.is_archive_name(uri),
             )
         )
     return targets
@@ -430,17 +453,20 @@ def _decide(target: _Target, head: _Head, new: _Lookup | None, old: _Lookup | No
         result.note = "no longer in its gallery: nothing to upgrade to"
         return result
     reason = ""
+    verdict = _version_verdict(target)
     if head.digest and head.digest == target.installed_digest:
-        # The tag points at exactly the installed image: nothing would change on disk.
+        # The tag points at exactly the installed image: nothing would change on disk, but a
+        # higher declared version is recorded by rewriting metadata.json (an upgrade without
+        # a download).
         result.decided = True
         result.available_version = target.gallery_version or target.installed_version
-        if _version_verdict(target) == 1:
-            result.note = (
-                f"gallery declares {target.gallery_version} but its tag still points at the installed image"
-            )
-        return result
-    verdict = _version_verdict(target)
-    if verdict is not None:
+        if verdict != 1:
+            return result
+        reason = (
+            f"version {target.installed_version or '(none)'} -> {target.gallery_version} "
+            f"({METADATA_ONLY}: the tag still points at the installed image)"
+        )
+    elif verdict is not None:
         result.decided = True
         if verdict > 0:
             reason = f"version {target.installed_version or '(none)'} -> {target.gallery_version}"
@@ -483,6 +509,67 @@ def _decide(target: _Target, head: _Head, new: _Lookup | None, old: _Lookup | No
                 f"new build for {target.platform}: {short_digest(old.manifest_digest)} -> "
                 f"{short_digest(new.manifest_digest)}"
             )
+    return _flag(result, target, reason)
+
+
+def _archive_digest(target: _Target) -> str:
+    """The gallery's sha256 as a digest (``sha256:<hex>``), for an archive backend that declares one."""
+    declared = target.gallery_sha256.strip().lower().removeprefix("sha256:")
+    return f"sha256:{declared}" if target.archive and declared else ""
+
+
+def _decide_local(target: _Target) -> BackendCheck:
+    """The verdict for a backend that is not an image (a directory, an archive): from the gallery
+    entry alone, no request. The declared versions decide first, as for images; an archive's
+    sha256 decides when they cannot. A directory without a declared version has nothing to
+    compare (its tree is not read again)."""
+    expected = _archive_digest(target)
+    result = BackendCheck(
+        backend_id=target.backend_id,
+        node_id=target.node_id,
+        installed_id=target.installed_id,
+        name=target.name,
+        node=target.node,
+        installed_version=target.installed_version,
+        installed_digest=target.installed_digest,
+        available_version=target.gallery_version,
+        available_digest=expected,
+        decided=True,
+    )
+    if target.gone:
+        result.available_version = ""
+        result.note = "no longer in its gallery: nothing to upgrade to"
+        return result
+    verdict = _version_verdict(target)
+    reason = ""
+    if verdict == 1:
+        reason = f"version {target.installed_version or '(none)'} -> {target.gallery_version}"
+        if expected and expected == target.installed_digest:
+            reason += f" ({METADATA_ONLY}: the archive's sha256 is the installed one)"
+    elif verdict is not None and verdict < 0:
+        result.note = (
+            f"gallery version {target.gallery_version} is lower than installed "
+            f"{target.installed_version}: not an upgrade"
+        )
+    elif verdict == 0:
+        if expected and expected != target.installed_digest:
+            result.note = (
+                f"the archive's sha256 changed but the declared version is still {target.gallery_version}"
+            )
+    elif expected:
+        if not target.installed_digest:
+            reason = f"installed digest unknown; the gallery's archive is {short_digest(expected)}"
+        elif expected != target.installed_digest:
+            reason = (
+                f"archive sha256 changed: {short_digest(target.installed_digest)} -> {short_digest(expected)}"
+            )
+    else:
+        result.note = "no declared version or sha256 in the gallery: nothing to compare with"
+    return _flag(result, target, reason)
+
+
+def _flag(result: BackendCheck, target: _Target, reason: str) -> BackendCheck:
+    """Flag `result` for `reason`, unless the target is held as bad or the backend pinned."""
     if not reason:
         return result
     held = _matches_hold(target, result.available_version, result.available_digest)
@@ -610,7 +697,8 @@ def _look_up(
     """
     by_chain: dict[tuple[str, ...], list[int]] = {}
     for index, target in enumerate(targets):
-        if not target.gone:  # not offered any more: nothing to look up
+        # Not offered any more, or not an image: nothing to look up.
+        if not target.gone and target.kind == sources.IMAGE:
             by_chain.setdefault(target.chain, []).append(index)
     heads: dict[tuple[str, ...], _Head] = {}
     lookups: dict[tuple[str, str], _Lookup] = {}  # (reference, platform) -> outcome
@@ -680,6 +768,9 @@ def _look_up(
             raise
     verdicts = []
     for index, target in enumerate(targets):
+        if target.kind != sources.IMAGE:
+            verdicts.append((target, _decide_local(target)))
+            continue
         compared = compares.get(index)
         new, old = (lookups[compared[0]], lookups[compared[1]]) if compared else (None, None)
         verdicts.append((target, _decide(target, heads.get(target.chain, _Head()), new, old)))

@@ -29,6 +29,7 @@ from django.db import DatabaseError, connection
 
 from backends_app import procedure, processes
 from backends_app.models import Node
+from backends_app.watcher import BackendsWatch
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +106,13 @@ class Command(BaseCommand):
                 setattr(settings, key, Path(env[key]))
         node = Node.local()
         node.heartbeat()
+        stop = threading.Event()
+        # Made before the reconcile, so what changes on disk from here on is seen.
+        watcher = BackendsWatch(node, settings.PORTAL_WATCH_INTERVAL, stop)
         report = procedure.reconcile(node)
         self.stdout.write(f"{node.name}: {report.summary()}")
         if once:
             return
-        stop = threading.Event()
         received: list[int] = [signal.SIGTERM]
 
         def request_stop(signum: int, _frame: Any) -> None:
@@ -127,6 +130,8 @@ class Command(BaseCommand):
         )
         heartbeat = Heartbeat(node, settings.PORTAL_HEARTBEAT_INTERVAL, stop)
         heartbeat.start()
+        if settings.PORTAL_WATCH_INTERVAL > 0:
+            watcher.start()
         try:
             while not stop.wait(1) and not processes.has_exited(cluster):
                 pass
@@ -135,6 +140,8 @@ class Command(BaseCommand):
             stop.set()
             [code] = processes.stop([cluster], received[0], settings.PORTAL_SHUTDOWN_GRACE)
             heartbeat.join(timeout=1)
+            if watcher.is_alive():
+                watcher.join(timeout=5)
         if not requested:
             raise CommandError(f"the django-q2 cluster exited with status {code}; stopping")
 

@@ -3,13 +3,20 @@
 `find_upgrades()` looks at every current, concrete installed backend on every node (a meta backend reports
 through its concrete one) and decides, per backend and node:
 
-1. The tag still points at the installed image (one HEAD, digest equal): nothing to upgrade.
+1. The tag still points at the installed image (one HEAD, digest equal): nothing to download. A
+   higher declared version is still flagged, as an upgrade of metadata only (`METADATA_ONLY`):
+   the upgrade then rewrites metadata.json and downloads nothing.
 2. Both sides declare a version: the versions decide, ordered (PEP 440, else semantic versions, a
    leading ``v`` tolerated); a lower or equal gallery version is never an upgrade; plain inequality
    only when neither side parses. A gallery version where none was installed is an upgrade.
 3. Otherwise the digest: the tag moved, so the new image and the installed one are resolved for the
    node's platform and their platform manifests compared; a rebuild for another architecture only
    is not an upgrade.
+
+The tag HEADed first is the one the installed build came from (a mirror, a tag fallback), when the
+gallery still offers it. A backend that is not an image (a local directory, an archive) is decided
+from the gallery entry alone, with no request: the declared versions first, then an archive's
+declared sha256 against the installed digest (`_decide_local`).
 
 Pinned backends and targets held as bad are reported (reason ``pinned: ...`` / ``held: ...``) with
 ``upgrade_available`` False. A hold is released when something newer than the held target appears.

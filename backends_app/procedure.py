@@ -348,8 +348,15 @@ def _fetch_other(
         try:
             if kind == sources.IMAGE:
                 fetched = _fetch_image(op, backend, [uri], staging, installed)
-            elif kind == sources.PATH and os.path.isdir(uri):
-                fetched = _copy_directory(op, backend, uri, staging, installed)
+            elif kind == sources.PATH:
+                # The roots first: what exists outside them is none of a gallery's business.
+                _local_source(op, backend, uri, "backend source")
+                if os.path.isdir(uri):
+                    fetched = _copy_directory(op, backend, uri, staging, installed)
+                elif os.path.lexists(uri):
+                    fetched = _fetch_archive(op, backend, uri, staging, installed)
+                else:
+                    raise sources.SourceError(f"{uri} does not exist")
             else:
                 fetched = _fetch_archive(op, backend, uri, staging, installed)
         except (oci.UnsafeArchive, Cancelled, IntegrityRequired):
@@ -399,7 +406,7 @@ def _free_for_writing(op: Operation) -> int:
 def _copy_directory(
     op: Operation, backend: Backend, uri: str, staging: Path, installed: layout.BackendMetadata | None
 ) -> Fetched:
-    source = _local_source(op, backend, uri, "backend directory")
+    source = _local_source(op, backend, uri, "backend source")
     op.checkpoint("resolved")
     op.phase(JobPhase.DOWNLOADING, f"copying {source}")
     copied = sources.copy_tree(
@@ -437,7 +444,7 @@ def _fetch_archive(
     confined: list[Path] | None = None
     if sources.kind_of(uri) != sources.URL or uri.lower().startswith("file:"):
         path = sources.local_path(uri)
-        _local_source(op, backend, str(path), "backend archive")
+        _local_source(op, backend, str(path), "backend source")
         confined = None if backend.source_trusted else op.node.source_roots
     op.checkpoint("resolved")
     op.phase(JobPhase.DOWNLOADING, f"downloading {sources.shown(uri)}")

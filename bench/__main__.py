@@ -13,6 +13,7 @@ BENCHMARKS = [
     ["bench.bench_fleet"],
     ["bench.bench_gallery"],
     ["bench.bench_netproxy"],
+    ["bench.bench_watch"],
     ["bench.bench_pull", "--size-mib", "256", "--via-proxy", LINK],
     ["bench.bench_check", "--backends", "300", "--rounds", "3", "--via-proxy", LINK],
 ]

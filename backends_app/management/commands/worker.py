@@ -4,6 +4,10 @@ Without options it serves the node this machine's settings describe, on the defa
 `--node NAME --backends-path PATH` it registers (or updates) that node and runs a cluster named after
 it, so jobs for that node, routed by name, run here and touch only its backends directory.
 
+While it runs, a thread watches the node's backends directory (`backends_app.watcher`), so
+backends that LocalAI or a person installs, changes or removes there are recorded within
+PORTAL_WATCH_INTERVAL seconds.
+
 The cluster runs in a child process with a process group of its own (see backends_app.processes).
 Whichever way the worker ends (a signal, an error, the cluster dying), the cluster's whole group is
 stopped before the worker exits; if the worker is killed outright, the kernel's death signal makes

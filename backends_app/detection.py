@@ -33,7 +33,6 @@ import concurrent.futures
 import datetime as dt
 import logging
 import queue
-import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -43,18 +42,20 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
-from packaging.version import InvalidVersion, Version
 
-from backends_app import oci, sources
+from backends_app import metrics, oci, sources
 from backends_app.models import (
     Backend,
     Gallery,
     InstalledVersion,
     JobPhase,
+    JobStatus,
     Node,
+    PortalSettings,
     UpgradeJob,
 )
 from backends_app.registry import client_from_settings
+from backends_app.versions import compare_versions
 
 log = logging.getLogger(__name__)
 
@@ -68,55 +69,7 @@ class CheckCancelled(Exception):
     """The check job was cancelled while it ran; nothing was written."""
 
 
-# --- versions -------------------------------------------------------------------------------------
-
-_SEMVER = re.compile(
-    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
-    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
-    r"(?:\+[0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*)?$"
-)
-
-
-def _strip_v(text: str) -> str:
-    text = text.strip()
-    return text[1:] if text[:1] in ("v", "V") and text[1:2].isdigit() else text
-
-
-def _pep440(text: str) -> Version | None:
-    try:
-        return Version(_strip_v(text))
-    except InvalidVersion:
-        return None
-
-
-def _semver_key(text: str) -> tuple[Any, ...] | None:
-    """Semantic-version precedence (semver.org item 11) as a sortable tuple; None if not semver."""
-    match = _SEMVER.match(_strip_v(text))
-    if not match:
-        return None
-    major, minor, patch, pre = match.groups()
-    if pre is None:
-        # A release sorts after every pre-release of the same version.
-        return (int(major), int(minor), int(patch), 1, ())
-    fields = tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in pre.split("."))
-    return (int(major), int(minor), int(patch), 0, fields)
-
-
-def compare_versions(installed: str, available: str) -> int | None:
-    """-1, 0 or 1 as `available` is lower, equal or higher than `installed`; None if not orderable.
-
-    Both parse as PEP 440 or both as semantic versions: ordered. Neither parses: plain equality
-    (0 or 1). Only one parses: None, the caller falls back to the image digest.
-    """
-    a, b = _pep440(installed), _pep440(available)
-    if a is not None and b is not None:
-        return (b > a) - (b < a)
-    sa, sb = _semver_key(installed), _semver_key(available)
-    if sa is not None and sb is not None:
-        return (sb > sa) - (sb < sa)
-    if (a or sa) is None and (b or sb) is None:
-        return 0 if installed.strip() == available.strip() else 1
-    return None
+# --- digests --------------------------------------------------------------------------------------
 
 
 def short_digest(digest: str) -> str:
@@ -199,6 +152,14 @@ class CheckReport:
     @property
     def errors(self) -> list[BackendCheck]:
         return [r for r in self.results if r.error]
+
+    @property
+    def outcome(self) -> str:
+        """succeeded; partial when some backends could not be checked; failed when none could."""
+        errors = len(self.errors)
+        if errors and errors == len(self.results):
+            return JobStatus.FAILED
+        return JobStatus.PARTIAL if errors else JobStatus.SUCCEEDED
 
     @property
     def node_count(self) -> int:
@@ -483,7 +444,10 @@ def _decide(target: _Target, head: _Head, new: _Lookup | None, old: _Lookup | No
                 f"{target.installed_version}: not an upgrade"
             )
         elif head.digest:
-            result.note = f"the tag moved but the declared version is still {target.gallery_version}"
+            result.note = (
+                f"rebuilt in the registry: new digest {short_digest(head.digest)} under the same "
+                f"version {target.gallery_version} (not an upgrade: the version did not change)"
+            )
     elif head.error:
         return result  # no verdict possible: the previous result stands
     elif not target.installed_digest:
@@ -627,12 +591,37 @@ def find_upgrades(
     client: oci.RegistryClient | None = None,
     job: UpgradeJob | None = None,
 ) -> CheckReport:
+    """`_find_upgrades`, timed for /metrics (portal_check_duration_seconds) whatever its outcome:
+    every check, by a job, the schedule or the command line, comes through here."""
+    started, outcome = time.monotonic(), str(JobStatus.FAILED)
+    try:
+        report = _find_upgrades(
+            nodes=nodes, requested_by=requested_by, sync_galleries=sync_galleries, client=client, job=job
+        )
+        outcome = report.outcome
+        return report
+    except CheckCancelled:
+        outcome = JobStatus.CANCELLED
+        raise
+    finally:
+        metrics.record_check(outcome, time.monotonic() - started)
+
+
+def _find_upgrades(
+    *,
+    nodes: Iterable[Node | str] | None = None,
+    requested_by: str = "",
+    sync_galleries: bool = True,
+    client: oci.RegistryClient | None = None,
+    job: UpgradeJob | None = None,
+) -> CheckReport:
     """Check every installed concrete backend (on `nodes`, default all) and record the verdicts.
 
     `sync_galleries` first syncs the galleries the installed backends come from (a gallery that
     fails keeps its last good data and is reported). `client` lets callers share or count registry
     requests; by default one is made from the settings. `job` receives progress. Raises
-    `CheckCancelled` if the job is cancelled meanwhile (nothing is written then).
+    `CheckCancelled` if the job is cancelled meanwhile (nothing is written then). A check that
+    ends is recorded as the portal's last check (`PortalSettings.record_check`), whoever asked.
     """
     report = CheckReport(requested_by=requested_by, started_at=timezone.now())
     if sync_galleries:
@@ -656,6 +645,7 @@ def find_upgrades(
     }
     report.results = _record(verdicts, full=nodes is None)
     report.finished_at = timezone.now()
+    PortalSettings.record_check(finished_at=report.finished_at, requested_by=requested_by)
     return report
 
 
@@ -795,6 +785,7 @@ _RESULT_FIELDS = [
     "held_version",
     "held_digest",
     "held_reason",
+    "check_note",
 ]
 
 
@@ -868,6 +859,8 @@ def _apply(backend: Backend, group: list[BackendCheck]) -> bool:
     decided = [r for r in group if r.decided]
     if not decided:
         return False  # every node failed before a verdict: the previous result stands
+    notes = [(r.node, r.note) for r in decided if r.note]
+    backend.check_note = joined(notes)[:500] if notes else ""
     flagged = [r for r in decided if r.upgrade_available]
     reported = flagged or [r for r in decided if r.pinned or r.held]
     backend.upgrade_available = bool(flagged)

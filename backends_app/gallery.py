@@ -1114,6 +1114,65 @@ def resolve_meta(
     return entry
 
 
+# --------------------------------------------------------------------------- compatibility
+
+#: The capabilities LocalAI knows (pkg/system/capabilities.go), for lists people choose from.
+KNOWN_CAPABILITIES = (
+    "default",
+    "nvidia",
+    "nvidia-cuda-12",
+    "nvidia-cuda-13",
+    "nvidia-l4t",
+    "nvidia-l4t-cuda-12",
+    "nvidia-l4t-cuda-13",
+    "amd",
+    "intel",
+    "metal",
+    "darwin-x86",
+    "vulkan",
+)
+# What a concrete image needs, from the words in its name and uri, in LocalAI's order
+# (`SystemState.IsBackendCompatible`): darwin first, L4T before the other NVIDIA builds.
+_HARDWARE_TOKENS = (
+    ("metal", ("darwin", "mlx", "metal")),
+    ("nvidia-l4t", ("l4t",)),
+    ("nvidia", ("cuda", "nvidia")),
+    ("amd", ("rocm", "hip", "amd")),
+    ("intel", ("sycl", "intel")),
+)
+
+
+def hardware_of(name: str, uri: str) -> str:
+    """What a concrete backend needs to run: `metal`, `nvidia-l4t`, `nvidia`, `amd`, `intel`, or
+    "" (a CPU build, which runs anywhere). LocalAI reads it from the name and uri the same way."""
+    combined = f"{name} {uri}".lower()
+    for hardware, tokens in _HARDWARE_TOKENS:
+        if any(token in combined for token in tokens):
+            return hardware
+    return ""
+
+
+def hardware_for(capability: str) -> set[str]:
+    """The `hardware_of` values a machine with `capability` runs (CPU builds run everywhere)."""
+    capability = capability.strip().lower()
+    runs = {""}
+    if capability in ("metal", "darwin-x86"):
+        runs.add("metal")
+    if capability.startswith("nvidia-l4t"):
+        runs.add("nvidia-l4t")
+    if capability.startswith("nvidia"):
+        runs.add("nvidia")
+    if capability in ("amd", "intel"):
+        runs.add(capability)
+    return runs
+
+
+def meta_keys_for(capability: str) -> tuple[str, ...]:
+    """The keys of a meta entry's `capabilities` that give a machine with `capability` a build:
+    its own, else LocalAI's fallbacks `default` and `cpu`."""
+    return tuple(dict.fromkeys((capability.strip(), DEFAULT_CAPABILITY, "cpu")))
+
+
 # --------------------------------------------------------------------------- capability
 
 _NVIDIA_VENDOR = "0x10de"

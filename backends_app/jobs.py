@@ -89,11 +89,8 @@ def run_check(job: UpgradeJob | None, *, requested_by: str, after: AfterCheck | 
             note = f"after the check: {exc}"
     message = f"{report.summary()}; {note}" if note else report.summary()
     if job is not None:
-        errors, total = len(report.errors), len(report.results)
-        if errors and errors == total:
+        if report.outcome == JobStatus.FAILED:
             job.fail(message)
-        elif errors:
-            job.finish(message, status=JobStatus.PARTIAL)
         else:
-            job.finish(message)
+            job.finish(message, status=report.outcome)
     return message

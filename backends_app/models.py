@@ -26,7 +26,7 @@ from django.dispatch import Signal
 from django.utils import timezone
 
 from backends_app import gallery as gallery_index
-from backends_app import notify, sources
+from backends_app import notify, sources, versions
 from backends_app.disk import layout
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 #: Sent after a job's row changed (`job` the instance, `fields` the names written). The live pages
 #: subscribe in `BackendsAppConfig.ready`; the models never import an entry point.
 job_changed = Signal()
+#: Sent after each gallery sync, failed or not (`gallery`, `result`: a SyncResult); metrics count it.
+gallery_synced = Signal()
 
 # A node is online while its heartbeat is younger than this.
 HEARTBEAT_TIMEOUT = dt.timedelta(seconds=90)
@@ -55,6 +57,27 @@ class OperationRefused(Exception):
     def __init__(self, message: str, reason: str = "refused") -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class GalleryQuerySet(models.QuerySet["Gallery"]):
+    def request_sync(self, *, cluster: str | None = None) -> list[str]:
+        """Ask the workers to sync these galleries (one task, after commit); returns their names.
+
+        `sync_requested_at` marks them, so the pages can say a sync is on its way until it ran.
+        `cluster` picks the django-q2 cluster (default: the default workers).
+        """
+        from django_q.tasks import async_task
+
+        names = list(self.order_by("name").values_list("name", flat=True))
+        if not names:
+            return []
+        Gallery.objects.filter(name__in=names).update(sync_requested_at=timezone.now())
+        transaction.on_commit(
+            lambda: async_task(
+                "backends_app.tasks.sync_galleries", names, task_name="gallery-sync", cluster=cluster
+            )
+        )
+        return names
 
 
 class Gallery(models.Model):
@@ -84,6 +107,11 @@ class Gallery(models.Model):
     entry_count = models.PositiveIntegerField(default=0, editable=False)
     # Each sync that stores an index takes the next number; one that finds a newer number stops.
     sync_generation = models.PositiveBigIntegerField(default=0, editable=False)
+    sync_requested_at = models.DateTimeField(
+        null=True, blank=True, editable=False, help_text="When a sync was last asked of the workers."
+    )
+
+    objects = GalleryQuerySet.as_manager()
 
     class Meta:
         verbose_name_plural = "galleries"
@@ -117,6 +145,12 @@ class Gallery(models.Model):
     def is_file(self) -> bool:
         return self.url.lower().startswith("file:")
 
+    @property
+    def sync_pending(self) -> bool:
+        """A sync was asked for and no attempt has been made since."""
+        requested = self.sync_requested_at
+        return requested is not None and (self.last_attempt_at is None or self.last_attempt_at < requested)
+
     def sync(self, *, force: bool = False) -> SyncResult:
         """Fetch and store the index. A failure changes no backend and is recorded on the gallery.
 
@@ -139,9 +173,9 @@ class Gallery(models.Model):
                     last_attempt_at=now, last_synced_at=now, last_error=""
                 )
                 self.refresh_from_db()
-                return SyncResult(gallery=self.name, not_modified=True, total=self.entry_count)
+                return self._synced(SyncResult(gallery=self.name, not_modified=True, total=self.entry_count))
         except gallery_index.GalleryError as exc:
-            return self._failed(exc, now, parsing=False)
+            return self._synced(self._failed(exc, now, parsing=False))
         try:
             entries = gallery_index.parse(
                 fetched.text or "",
@@ -150,7 +184,7 @@ class Gallery(models.Model):
                 max_nodes=settings.PORTAL_GALLERY_MAX_NODES,
             )
         except gallery_index.GalleryError as exc:
-            return self._failed(exc, now, parsing=True)
+            return self._synced(self._failed(exc, now, parsing=True))
         etag = fetched.etag
         del fetched  # the document's text; the entries hold what is needed
         generation = self._begin_storing(now)
@@ -170,8 +204,13 @@ class Gallery(models.Model):
             result.gone = len(vanished)
         except SyncSuperseded as exc:
             log.warning("gallery %s: %s", self.name, exc)
-            return SyncResult(gallery=self.name, error=str(exc))
+            return self._synced(SyncResult(gallery=self.name, error=str(exc)))
         self.refresh_from_db()
+        return self._synced(result)
+
+    def _synced(self, result: SyncResult) -> SyncResult:
+        """Every sync ends here: subscribers (metrics) hear of it, then the caller gets the result."""
+        gallery_synced.send(sender=Gallery, gallery=self, result=result)
         return result
 
     def _failed(self, exc: gallery_index.GalleryError, now: dt.datetime, *, parsing: bool) -> SyncResult:
@@ -567,6 +606,7 @@ class Backend(models.Model):
         "health_check",
         "position",
         "entry",
+        "hardware",
     ]
 
     gallery = models.ForeignKey(Gallery, on_delete=models.PROTECT, related_name="backends")
@@ -597,6 +637,13 @@ class Backend(models.Model):
         help_text="For a meta backend: the concrete entry for the local node's capability.",
     )
     gone = models.BooleanField(default=False, help_text="No longer in the gallery index.")
+    hardware = models.CharField(
+        max_length=20,
+        blank=True,
+        db_index=True,
+        help_text="What a concrete entry needs (metal, nvidia-l4t, nvidia, amd, intel; empty: any CPU), "
+        "read from its name and image as LocalAI does.",
+    )
     source_trusted = models.BooleanField(
         default=False,
         editable=False,
@@ -611,6 +658,11 @@ class Backend(models.Model):
     upgrade_reason = models.CharField(max_length=500, blank=True)
     last_checked_at = models.DateTimeField(null=True, blank=True)
     last_error = models.TextField(blank=True)
+    check_note = models.CharField(
+        max_length=500,
+        blank=True,
+        help_text="What the last check saw that is not an upgrade (a tag rebuilt under the same version...).",
+    )
 
     # Operator's decisions.
     pinned = models.BooleanField(default=False, help_text="Never upgraded automatically.")
@@ -642,7 +694,8 @@ class Backend(models.Model):
         not installed; held (a target that failed, or was rolled back from, and is still what the
         registry offers); pinned (never upgraded automatically; says what is available); upgrade
         available (with the check's reason); error (the last check could not decide); not checked
-        yet; up to date. Uses the installed rows `with_installations` prefetches.
+        yet; up to date (with what the check noticed that is no upgrade, such as a tag rebuilt under
+        the same version). Uses the installed rows `with_installations` prefetches.
         """
         if not self.current_versions():
             return BackendStatus(BackendState.NOT_INSTALLED, "gone from its gallery" if self.gone else "")
@@ -660,7 +713,7 @@ class Backend(models.Model):
             return BackendStatus(BackendState.ERROR, self.last_error)
         if self.last_checked_at is None:
             return BackendStatus(BackendState.NOT_CHECKED)
-        return BackendStatus(BackendState.UP_TO_DATE)
+        return BackendStatus(BackendState.UP_TO_DATE, self.check_note)
 
     @property
     def is_development(self) -> bool:
@@ -719,6 +772,7 @@ class Backend(models.Model):
             "health_check": dict(entry.health_check or {}),
             "position": entry.position,
             "entry": entry.raw,
+            "hardware": "" if entry.is_meta else gallery_index.hardware_of(entry.name, entry.uri),
         }
 
     def pin(self) -> None:
@@ -785,6 +839,46 @@ class Backend(models.Model):
             on_node = Q(node__isnull=True) if node_id is None else Q(node_id=node_id)
             return UpgradeJob.objects.filter(on_node, backend=self, status__in=JobStatus.ACTIVE).first()
         return next((job for job in jobs if job.node_id == node_id), None)
+
+    def rollback_target_on(self, node_id: int) -> InstalledVersion | None:
+        """The kept version a rollback on a node puts back: the newest kept one (by when it was
+        kept) that is older than the live one (`versions.is_older`), or None. A kept version newer
+        than the live one (left by an earlier rollback) is never a rollback's target.
+        `with_installations` saves the query; the rollback procedure applies the same rule on disk.
+        """
+        live = next((row for row in self.current_versions() if row.node_id == node_id), None)
+        if live is None:
+            return None
+        kept = sorted(self.kept_versions_on(node_id), key=lambda row: Path(row.path).name)
+        for row in reversed(kept):
+            if versions.is_older(row.version, row.installed_at, live.version, live.installed_at):
+                return row
+        return None
+
+    def record_installed(self, *, version: str, digest: str) -> None:
+        """After an install or upgrade from the registry: what was pulled is what the registry
+        offers now (`latest_digest`, `available_version`, what `converge` aims at). When every node
+        runs that build, the check's other fields say so too (up to date, no error, checked now)
+        instead of "not checked" until the next check; a node still on another build keeps the
+        backend as it was flagged, and the next check decides.
+        """
+        if not digest:
+            return
+        Backend.objects.filter(pk=self.pk).update(latest_digest=digest, available_version=version)
+        lagging = (
+            InstalledVersion.objects.filter(backend=self, state=InstalledVersion.State.CURRENT, is_meta=False)
+            .exclude(digest=digest)
+            .exists()
+        )
+        if lagging:
+            return
+        Backend.objects.filter(pk=self.pk).update(
+            upgrade_available=False,
+            upgrade_reason="",
+            last_error="",
+            check_note="",
+            last_checked_at=timezone.now(),
+        )
 
     @property
     def drift(self) -> bool:
@@ -935,11 +1029,16 @@ class Backend(models.Model):
             raise OperationRefused(f"{self.name} is pinned; unpin it or force the upgrade")
         if kind in (JobKind.UPGRADE, JobKind.ROLLBACK, JobKind.UNINSTALL) and current is None:
             raise OperationRefused(f"{self.name} is not installed on {node.name}")
-        if (
-            kind == JobKind.ROLLBACK
-            and not self.installed.filter(node=node, state=InstalledVersion.State.KEPT).exists()
-        ):
-            raise OperationRefused(f"{self.name} has no kept version on {node.name} to roll back to")
+        if kind == JobKind.ROLLBACK and self.rollback_target_on(node.pk) is None:
+            if self.installed.filter(node=node, state=InstalledVersion.State.KEPT).exists():
+                raise OperationRefused(
+                    f"{self.name} has no kept version on {node.name} older than the live one "
+                    "(the kept ones are newer: an upgrade goes forward)",
+                    "nothing_kept",
+                )
+            raise OperationRefused(
+                f"{self.name} has no kept version on {node.name} to roll back to", "nothing_kept"
+            )
         job, created = UpgradeJob.create_unless_active(
             kind,
             backend=self,
@@ -1089,7 +1188,16 @@ class PortalSettings(models.Model):
     health_check_timeout = models.PositiveIntegerField(
         default=30, validators=[MinValueValidator(1), MaxValueValidator(3600)]
     )
-    last_check_at = models.DateTimeField(null=True, blank=True, editable=False)
+    last_check_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        editable=False,
+        help_text="When the periodic check last claimed its interval (the once-per-interval guard).",
+    )
+    last_check_finished_at = models.DateTimeField(
+        null=True, blank=True, editable=False, help_text="When the last upgrade check, whoever asked, ended."
+    )
+    last_check_by = models.CharField(max_length=200, blank=True, editable=False)
     notify_urls_seeded = models.BooleanField(
         default=False, editable=False, help_text="PORTAL_NOTIFY_URLS has given the initial notification URLs."
     )
@@ -1119,6 +1227,14 @@ class PortalSettings(models.Model):
             pk=cls.SINGLETON_PK, defaults={"auto_upgrade_backends": settings.PORTAL_AUTO_UPGRADE_INITIAL}
         )
         return row
+
+    @classmethod
+    def record_check(cls, *, finished_at: dt.datetime, requested_by: str) -> None:
+        """Remember the last check that ran to its end, scheduled or asked for by hand."""
+        cls.load()
+        cls.objects.filter(pk=cls.SINGLETON_PK).update(
+            last_check_finished_at=finished_at, last_check_by=requested_by[:200]
+        )
 
     @property
     def check_interval(self) -> dt.timedelta:
@@ -1204,6 +1320,10 @@ class UpgradeJob(models.Model):
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    new_log_entries: list[JobMessage]  # what the last `_update` logged, for the live pages
+    log_count = models.PositiveIntegerField(
+        default=0, editable=False, help_text="Messages written to the job's log, kept or not."
+    )
 
     class Meta:
         ordering: ClassVar = ["-created_at", "-id"]
@@ -1303,10 +1423,72 @@ class UpgradeJob(models.Model):
         )
 
     def _update(self, **fields: Any) -> None:
+        """Write `fields`, log what a reader would want to see later (a new message, phase, error or
+        end), and tell the live pages.
+
+        The log lines go in before the row changes: whoever reads the new state (a page polling the
+        row) finds its lines there, counted in `log_count`.
+        """
+        entries = self._log_entries_for(fields)
+        rows = self._insert_log(entries, phase=fields.get("phase", self.phase))
         for key, value in fields.items():
             setattr(self, key, value)
-        UpgradeJob.objects.filter(pk=self.pk).update(**fields)
-        job_changed.send(sender=UpgradeJob, job=self, fields=tuple(fields))
+        written: dict[str, Any] = dict(fields)
+        if rows:
+            written["log_count"] = models.F("log_count") + len(rows)
+            self.log_count += len(rows)
+        UpgradeJob.objects.filter(pk=self.pk).update(**written)
+        self._trim_log()
+        self.new_log_entries = rows
+        job_changed.send(sender=UpgradeJob, job=self, fields=(*fields, "log") if rows else tuple(fields))
+
+    def _log_entries_for(self, fields: dict[str, Any]) -> list[tuple[str, str]]:
+        """(kind, text) of the log lines a change of `fields` makes, compared to the values now held."""
+        entries: list[tuple[str, str]] = []
+        phase_changed = "phase" in fields and fields["phase"] != self.phase
+        message = fields.get("message", self.message)
+        if message and message != self.message:
+            entries.append((JobMessage.Kind.MESSAGE, message))
+        elif phase_changed and fields["phase"] not in (JobPhase.QUEUED, JobPhase.DONE):
+            entries.append((JobMessage.Kind.MESSAGE, JobPhase(fields["phase"]).label))
+        if fields.get("error") and fields["error"] != self.error:
+            entries.append((JobMessage.Kind.ERROR, fields["error"]))
+        if "status" in fields and fields["status"] != self.status:
+            entries.append((JobMessage.Kind.STATUS, JobStatus(fields["status"]).label))
+        return entries
+
+    def _insert_log(self, entries: list[tuple[str, str]], *, phase: str) -> list[JobMessage]:
+        if not entries:
+            return []
+        now = timezone.now()
+        return JobMessage.objects.bulk_create(
+            [
+                JobMessage(job_id=self.pk, at=now, phase=phase, kind=kind, text=text[: JobMessage.TEXT_LIMIT])
+                for kind, text in entries
+            ]
+        )
+
+    def _trim_log(self) -> None:
+        """Keep the log bounded: the first `JobMessage.HEAD` lines and the latest, `LIMIT` in all."""
+        if self.log_count <= JobMessage.LIMIT:
+            return
+        ids = list(JobMessage.objects.filter(job_id=self.pk).order_by("id").values_list("id", flat=True))
+        excess = len(ids) - JobMessage.LIMIT
+        if excess > 0:
+            JobMessage.objects.filter(pk__in=ids[JobMessage.HEAD : JobMessage.HEAD + excess]).delete()
+
+    def write_log(self, entries: list[tuple[str, str]]) -> list[JobMessage]:
+        """Append (kind, text) lines to the job's log, stamped now by this server.
+
+        `log_count` counts every line written; the log keeps at most `JobMessage.LIMIT` of them (the
+        first and the latest), so a reader can say how many in between were dropped.
+        """
+        rows = self._insert_log(entries, phase=self.phase)
+        if rows:
+            UpgradeJob.objects.filter(pk=self.pk).update(log_count=models.F("log_count") + len(rows))
+            self.log_count += len(rows)
+            self._trim_log()
+        return rows
 
     def start(self) -> bool:
         """Move a queued job to running; False when it is no longer queued (cancelled meanwhile)."""
@@ -1315,6 +1497,9 @@ class UpgradeJob(models.Model):
             status=JobStatus.RUNNING, started_at=now
         )
         self.refresh_from_db()
+        if started:
+            self.new_log_entries = self.write_log([(JobMessage.Kind.STATUS, JobStatus.RUNNING.label)])
+            job_changed.send(sender=UpgradeJob, job=self, fields=("status", "started_at", "log"))
         return bool(started)
 
     def set_phase(self, phase: str, message: str = "") -> None:
@@ -1344,11 +1529,21 @@ class UpgradeJob(models.Model):
         cancelled = UpgradeJob.objects.filter(pk=self.pk, status=JobStatus.QUEUED).update(
             status=JobStatus.CANCELLED, message=note, finished_at=timezone.now()
         )
+        asked = False
         if not cancelled:
-            UpgradeJob.objects.filter(pk=self.pk, status=JobStatus.RUNNING).update(cancel_requested=True)
+            running = UpgradeJob.objects.filter(pk=self.pk, status=JobStatus.RUNNING, cancel_requested=False)
+            asked = bool(running.update(cancel_requested=True))
         for child in self.children.filter(status__in=JobStatus.ACTIVE):
             child.cancel(by)
         self.refresh_from_db()
+        if cancelled:
+            self.new_log_entries = self.write_log(JobMessage.cancelled(note))
+        elif asked:
+            self.new_log_entries = self.write_log(
+                [(JobMessage.Kind.MESSAGE, f"{note}: stopping at the next safe point")]
+            )
+        if cancelled or asked:
+            job_changed.send(sender=UpgradeJob, job=self, fields=("status", "message", "log"))
         if cancelled:
             UpgradeJob.settle_parent_of(self)
         return bool(cancelled) or self.cancel_requested
@@ -1374,9 +1569,11 @@ class UpgradeJob(models.Model):
                             rest.enqueue()
                 else:
                     note = f"canary on {child.node} ended {child.status}; the other nodes were not touched"
-                    cls.objects.filter(pk__in=[c.pk for c in children[1:]], status=JobStatus.QUEUED).update(
-                        status=JobStatus.CANCELLED, message=note, finished_at=timezone.now()
-                    )
+                    for rest in children[1:]:
+                        if cls.objects.filter(pk=rest.pk, status=JobStatus.QUEUED).update(
+                            status=JobStatus.CANCELLED, message=note, finished_at=timezone.now()
+                        ):
+                            rest.write_log(JobMessage.cancelled(note))
                     children = list(parent.children.select_related("node").order_by("pk"))
             if any(c.status in JobStatus.ACTIVE for c in children):
                 return
@@ -1656,3 +1853,38 @@ class NotificationDelivery(models.Model):
             wait = min(settings.PORTAL_NOTIFY_RETRY_SECONDS * 2 ** max(self.attempts - 1, 0), 3600)
             self.next_attempt_at = now + dt.timedelta(seconds=wait)
         self.save(update_fields=["status", "last_error", "next_attempt_at", "delivered_at"])
+
+
+class JobMessage(models.Model):
+    """One line of a job's log, stamped by the server when it was written: a message, an error or a
+    change of status. The job page and the admin show them, also after a reload.
+
+    Bounded per job (`UpgradeJob.write_log`): the first `HEAD` lines and the latest, `LIMIT` in all.
+    """
+
+    LIMIT = 200
+    HEAD = 20
+    TEXT_LIMIT = 2000
+
+    class Kind(models.TextChoices):
+        MESSAGE = "message", "message"
+        ERROR = "error", "error"
+        STATUS = "status", "status"
+
+    job = models.ForeignKey(UpgradeJob, on_delete=models.CASCADE, related_name="log")
+    at = models.DateTimeField(help_text="When the server wrote it.")
+    phase = models.CharField(max_length=20, choices=JobPhase.choices, blank=True)
+    kind = models.CharField(max_length=10, choices=Kind.choices, default=Kind.MESSAGE)
+    text = models.TextField()
+
+    class Meta:
+        ordering: ClassVar = ["job", "id"]
+        indexes: ClassVar = [models.Index(fields=["job", "id"], name="jobmessage_job_id")]
+
+    def __str__(self) -> str:
+        return f"job {self.job_id} {self.at:%H:%M:%S} {self.text[:60]}"
+
+    @classmethod
+    def cancelled(cls, note: str) -> list[tuple[str, str]]:
+        """The lines a job cancelled before it ran logs."""
+        return [(cls.Kind.MESSAGE, note), (cls.Kind.STATUS, JobStatus.CANCELLED.label)]

@@ -25,7 +25,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from backends_app import gallery as gallery_index
-from backends_app import oci, sources
+from backends_app import oci, sources, versions
 from backends_app.disk import fsops, layout
 from backends_app.disk.errors import LayoutError
 from backends_app.disk.health import health_check
@@ -116,7 +116,13 @@ class Operation:
                 raise Cancelled("cancelled before the backend was touched")
 
     def health_command(self) -> tuple[str | None, float]:
-        spec = self.backend.health_check or {}
+        """The health-check command and its timeout: the gallery entry's, else the settings'.
+
+        A command from a gallery runs code on every node as the portal's user, so it is taken only
+        from galleries the server's operator configured (PORTAL_GALLERIES, the command line), never
+        from one added or changed through the web (the admin or the API).
+        """
+        spec = {} if self.backend.gallery.set_through_web else (self.backend.health_check or {})
         command = spec.get("command")
         if isinstance(command, list):
             command = shlex.join(command)
@@ -248,13 +254,15 @@ def install_concrete(op: Operation, backend: Backend) -> str:
     """Download, verify and stage `backend`, swap it in, health-check it, keep the previous tree.
 
     The source is an image, a local directory or an archive (`sources.kind_of`), tried in LocalAI's
-    order (`Backend.source_chain`). An upgrade whose source still holds the installed build (same
-    digest) changes only metadata.json (`_rewrite_metadata`): no download, no swap.
+    order (`Backend.source_chain`). An upgrade (not forced) whose source still holds the installed
+    build (same digest) changes only metadata.json (`_rewrite_metadata`): no download, no swap.
     """
     job, name = op.job, backend.name
     live = op.backends / name
     staging = op.state.staging_root / name / f"job-{job.pk}"
-    installed = _read_live_metadata(op, name) if job.kind == JobKind.UPGRADE else None
+    # A forced upgrade downloads again whatever is installed (a repair); another one whose source
+    # still holds the installed build only rewrites metadata.
+    installed = _read_live_metadata(op, name) if job.kind == JobKind.UPGRADE and not job.force else None
     # The journal's lock is held from here to the end: it is what tells reconcile this is alive.
     op.journal.begin(job.kind, name, job.pk, live=live, staging=staging, step="staging")
     try:
@@ -490,7 +498,7 @@ def _rewrite_metadata(
     layout.write_metadata(op.backends / name, metadata)
     op.checkpoint("metadata-written", cancellable=False)
     record_disk_state(op.node, [name], origin=_origin_for(op.job))
-    Backend.objects.filter(pk=backend.pk).update(upgrade_available=False, upgrade_reason="")
+    backend.record_installed(version=version, digest=installed.digest)
     op.journal.clear(name)
     before = installed.version or "(no version)"
     return (
@@ -577,7 +585,7 @@ def _swap_in_steps(op: Operation, backend: Backend, *, source: Path, source_is_k
     op.checkpoint("pruned", cancellable=False)
     record_disk_state(op.node, [name], origin=_origin_for(job))
     if job.kind != JobKind.ROLLBACK:
-        Backend.objects.filter(pk=backend.pk).update(upgrade_available=False, upgrade_reason="")
+        backend.record_installed(version=job.to_version, digest=job.to_digest)
     op.checkpoint("recorded", cancellable=False)
     op.journal.clear(name)
     op.checkpoint("cleared", cancellable=False)
@@ -665,7 +673,10 @@ def _write_meta(op: Operation, concrete: Backend) -> None:
 
 
 def rollback(op: Operation) -> str:
-    """Put the newest kept version back live; the version rolled back from is kept and held."""
+    """Put back the newest kept version older than the live one (`versions.is_older`, the rule
+    `Backend.rollback_target_on` shows on the pages); the version rolled back from is kept and held.
+    A kept version newer than the live one (what an earlier rollback left) is never put back here:
+    that would be an upgrade."""
     backend = op.backend
     if backend.is_meta:
         backend = _installed_concrete(op)
@@ -673,9 +684,13 @@ def rollback(op: Operation) -> str:
     kept = op.state.kept_versions(name)
     if not kept:
         raise ProcedureError(f"{name} has no kept version to roll back to")
-    source = kept[-1]
-    restored = layout.read_metadata(source)
     current = _read_live_metadata(op, name)
+    source, restored = _rollback_source(kept, current)
+    if source is None or restored is None:
+        raise ProcedureError(
+            f"{name} has no kept version older than the live one "
+            "(the kept ones are newer: an upgrade goes forward)"
+        )
     op.job._update(to_version=restored.version, to_digest=restored.digest)
     op.journal.begin("rollback", name, op.job.pk, live=op.backends / name, staging=source, step="staging")
     try:
@@ -687,6 +702,19 @@ def rollback(op: Operation) -> str:
     if current is not None:
         backend.hold(version=current.version, digest=current.digest, reason=f"rolled back by job {op.job.pk}")
     return f"{name} rolled back to {restored.version or restored.digest[:19]}"
+
+
+def _rollback_source(
+    kept: list[Path], current: layout.BackendMetadata | None
+) -> tuple[Path | None, layout.BackendMetadata | None]:
+    """The newest kept directory older than the live tree, with its metadata."""
+    for path in reversed(kept):
+        metadata = layout.read_metadata(path)
+        if current is None or versions.is_older(
+            metadata.version, metadata.installed_datetime, current.version, current.installed_datetime
+        ):
+            return path, metadata
+    return None, None
 
 
 def _installed_concrete(op: Operation) -> Backend:

@@ -1,4 +1,5 @@
-"""The registry client as the settings configure it: timeouts, retries, insecure hosts, credentials.
+"""The registry client as the settings configure it: timeouts, retries, insecure hosts, credentials,
+and the observer counting its requests for /metrics.
 
 The one place that turns `PORTAL_REGISTRY_*` settings into an `oci.RegistryClient`; the procedure,
 the upgrade check, the commands and the benchmarks all build their client here.
@@ -10,7 +11,7 @@ import os
 
 from django.conf import settings
 
-from backends_app import oci
+from backends_app import metrics, oci
 
 
 def client_from_settings(platform: str | None = None) -> oci.RegistryClient:
@@ -26,5 +27,6 @@ def client_from_settings(platform: str | None = None) -> oci.RegistryClient:
             blob_deadline=float(settings.PORTAL_REGISTRY_BLOB_DEADLINE),
             auth_file=auth_file if auth_file and os.path.exists(auth_file) else None,
             platform=platform or settings.PORTAL_PLATFORM,
+            on_response=metrics.record_registry_response,  # requests by status, 429s included
         )
     )

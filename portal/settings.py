@@ -107,7 +107,7 @@ SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = env_bool("PORTAL_SECURE_COOKIES", F
 SECURE_PROXY_SSL_HEADER = env_proxy_ssl_header("PORTAL_SECURE_PROXY_SSL_HEADER")
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    "backends_app.apps.PortalAdminConfig",  # django.contrib.admin with the portal's site
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -198,6 +198,8 @@ LANGUAGE_CODE = "en-us"
 TIME_ZONE = env_str("PORTAL_TIME_ZONE", "UTC")
 USE_I18N = True
 USE_TZ = True
+# One date format everywhere (the admin, the pages, the job log): portal/formats/en/formats.py.
+FORMAT_MODULE_PATH = ["portal.formats"]
 
 STATIC_URL = "static/"
 STATIC_ROOT = DATA_DIR / "static"
@@ -372,6 +374,21 @@ PORTAL_NOTIFY_ATTEMPTS = env_int("PORTAL_NOTIFY_ATTEMPTS", 5)
 PORTAL_NOTIFY_RETRY_SECONDS = env_int("PORTAL_NOTIFY_RETRY_SECONDS", 60)
 PORTAL_NOTIFY_TIMEOUT = env_int("PORTAL_NOTIFY_TIMEOUT", 30)
 PORTAL_NOTIFY_TEST_TIMEOUT = env_int("PORTAL_NOTIFY_TEST_TIMEOUT", 10)
+
+# --- Metrics (/metrics; docs/monitoring.md) ---------------------------------------------------
+# prometheus_client chooses where counters live when it is first imported, from this variable. It
+# is set here, before any app imports prometheus_client, so that every process of this host (web
+# replicas, workers, commands) and every process they start counts into the same directory. One
+# directory per host name: the processes sharing one must share a pid namespace (dead ones are
+# found by pid).
+PORTAL_METRICS_DIR = Path(
+    env_str("PROMETHEUS_MULTIPROC_DIR") or str(DATA_DIR / "prometheus" / (socket.gethostname() or "local"))
+).resolve()
+PORTAL_METRICS_DIR.mkdir(parents=True, exist_ok=True)
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(PORTAL_METRICS_DIR)
+PORTAL_METRICS_TOKEN = env_str("PORTAL_METRICS_TOKEN")
+# Off behind a reverse proxy on the same host: every proxied request then comes from 127.0.0.1.
+PORTAL_METRICS_LOOPBACK = env_bool("PORTAL_METRICS_LOOPBACK", True)
 
 LOGGING = {
     "version": 1,

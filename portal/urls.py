@@ -3,6 +3,7 @@ from __future__ import annotations
 from django.contrib import admin
 from django.urls import include, path, re_path
 
+from backends_app import metrics
 from backends_app.api import localai, schema
 
 # Under /api/ and on LocalAI's routes, errors raised outside a view answer JSON in the route's shape.
@@ -13,6 +14,7 @@ handler500 = "backends_app.api.errors.server_error"
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    path("metrics", metrics.metrics_view, name="metrics"),  # Prometheus; docs/monitoring.md
     path("api/schema/", schema.SchemaView.as_view(), name="schema"),
     path("api/docs/", schema.DocsView.as_view(url_name="schema"), name="api-docs"),
     path("api/", include("backends_app.api.urls")),

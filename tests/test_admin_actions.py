@@ -180,12 +180,13 @@ def test_check_now_queues_one_check_then_names_it(
     assert check.requested_by == "admin:admin"
     assert f'Queued upgrade check <a href="/jobs/{check.pk}/">#{check.pk}</a>' in said(first)
     assert queued_tasks() == [f"job-{check.pk}"]
-    # The changelist's button does the same without a selection; the check is already queued.
+    # The changelist's button does the same without a selection, and goes to the check's page; the
+    # check is already queued.
     assert admin_client.get(f"{BACKENDS_URL}check-now/").status_code == 405
     second = admin_client.post(f"{BACKENDS_URL}check-now/", follow=True)
     assert UpgradeJob.objects.filter(kind=JobKind.CHECK).count() == 1
     assert f'A check is already queued as job <a href="/jobs/{check.pk}/">#{check.pk}</a>' in said(second)
-    assert second.redirect_chain[-1][0] == BACKENDS_URL
+    assert second.redirect_chain[-1][0] == f"{JOBS_URL}{check.pk}/change/"
 
 
 def test_changelist_offers_the_check_button_and_the_actions(
@@ -237,18 +238,21 @@ def test_backend_changelist_shows_versions_per_node_and_the_reason(
     assert names("q=gam") == {"gamma"}
 
 
-def test_job_changelist_shows_progress_and_links_to_the_live_page(
+def test_job_changelist_shows_progress_and_links_to_the_live_view(
     admin_client: Any, backends: dict[str, Backend]
 ) -> None:
     job, _ = backends["alpha"].request(JobKind.UPGRADE, requested_by="admin:admin", queue=False)
     job.start()
+    job.set_phase("downloading", "downloading")
     job.set_progress(512 * 1024, 2 * 1024 * 1024)
     page = admin_client.get(JOBS_URL).content.decode()
-    assert "25% of 2.0\xa0MB" in page
-    assert f'<a href="/jobs/{job.pk}/">view</a>' in page
+    assert "25% of 2.0\xa0MiB" in page
+    assert f'<a href="{JOBS_URL}{job.pk}/change/">{job.pk}</a>' in page
+    assert "running</span> <small>Downloading</small>" in page
     assert "v1 → …" in page
-    detail = admin_client.get(f"{JOBS_URL}{job.pk}/change/")
-    assert detail.status_code == 200 and f'href="/jobs/{job.pk}/"' in detail.content.decode()
+    detail = admin_client.get(f"{JOBS_URL}{job.pk}/change/").content.decode()
+    assert 'id="job-progress" max="100" value="25.0"' in detail  # the live part, as on the job page
+    assert f'href="/jobs/{job.pk}/"' in detail
     active = admin_client.get(f"{JOBS_URL}?group=active").context["cl"].result_list
     assert [row.pk for row in active] == [job.pk]
     assert admin_client.get(f"{JOBS_URL}?group=finished").context["cl"].result_count == 0

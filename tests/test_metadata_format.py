@@ -149,3 +149,11 @@ def test_a_version_bump_on_an_unmoved_tag_is_an_upgrade_of_metadata_only_with_no
     assert backend.installed.get(state="current").version == "1.1.0"
     [row] = detection.find_upgrades(sync_galleries=False).rows
     assert row["upgrade_available"] is False
+
+    # A forced upgrade is a reinstall of the same build: the layers are fetched again.
+    proxy.log.clear()
+    forced = run_op(Backend.objects.lookup("cpu-demo"), JobKind.UPGRADE, force=True)
+    assert forced.status == JobStatus.SUCCEEDED, forced.error
+    assert "metadata only" not in forced.message
+    assert [path for _, method, path, _ in proxy.log if "/blobs/" in path and method == "GET"]
+    assert live.stat().st_ino != inode

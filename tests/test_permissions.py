@@ -74,7 +74,7 @@ def world(tmp_path: Path) -> dict[str, Any]:
     other = make_backend(gallery, "other")
     job = UpgradeJob.objects.create(kind=JobKind.INSTALL, backend=other, node=Node.local())
     PortalSettings.load()
-    return {"gallery": gallery, "backend": backend, "job": job}
+    return {"gallery": gallery, "backend": backend, "job": job, "node": Node.local()}
 
 
 def snapshot() -> tuple[Any, ...]:
@@ -88,7 +88,9 @@ def snapshot() -> tuple[Any, ...]:
 
 
 def fill(text: str, world: dict[str, Any]) -> str:
-    return text.format(job=world["job"].pk, backend=world["backend"].pk, gallery=world["gallery"].pk)
+    return text.format(
+        job=world["job"].pk, backend=world["backend"].pk, gallery=world["gallery"].pk, node=world["node"].pk
+    )
 
 
 # --- the rule itself ----------------------------------------------------------------------------------
@@ -243,7 +245,11 @@ ADMIN_WRITES = [
     (BACKENDS, {"action": "upgrade_selected", "_selected_action": "{backend}", "index": "0"}, OPERATE),
     (BACKENDS, {"action": "pin_selected", "_selected_action": "{backend}", "index": "0"}, OPERATE),
     (f"{BACKENDS}check-now/", {}, OPERATE),
-    (f"{BACKENDS}{{backend}}/change/", {"pinned": "on", "held_version": "9.9"}, OPERATE),
+    (f"{BACKENDS}{{backend}}/operate/check/", {}, OPERATE),
+    (f"{BACKENDS}{{backend}}/operate/upgrade/", {}, OPERATE),
+    (f"{BACKENDS}{{backend}}/operate/rollback/", {"node": "{node}"}, OPERATE),
+    (f"{BACKENDS}{{backend}}/operate/pin/", {}, OPERATE),
+    (f"{JOBS}{{job}}/cancel/", {}, OPERATE),
     (JOBS, {"action": "cancel_selected", "_selected_action": "{job}", "index": "0"}, OPERATE),
     (f"{GALLERIES}add/", {"name": "new", "url": "https://example.org/i.yaml", "enabled": "on"}, ADD_GALLERY),
     (f"{GALLERIES}{{gallery}}/change/", {"name": "main", "url": "https://e.org/x.yaml"}, CHANGE_GALLERY),
@@ -334,3 +340,29 @@ def test_an_operator_sees_backends_and_jobs_in_the_admin_and_queues_from_there(
     )
     job = UpgradeJob.objects.get(kind=JobKind.UPGRADE)
     assert (job.status, job.requested_by) == (JobStatus.QUEUED, "admin:operator")
+
+
+def test_only_a_superuser_repoints_a_node_in_the_admin(world: dict[str, Any]) -> None:
+    """A node's backends path is where its worker writes as the portal's user: Django's own
+    `change_node` permission is not enough to change it."""
+    node = Node.local()
+    holder = get_user_model().objects.create(username="node-editor", is_staff=True)
+    for codename in ("view_node", "change_node", "delete_node"):
+        holder.user_permissions.add(Permission.objects.get(codename=codename))
+    client = Client()
+    client.force_login(holder)
+    page = f"/admin/backends_app/node/{node.pk}/change/"
+    form = {
+        "name": node.name,
+        "capability": node.capability,
+        "platform": node.platform,
+        "backends_path": "/etc",
+        "state_path": "",
+        "queue": "",
+    }
+
+    assert client.post(page, form).status_code == 403
+    assert client.post(f"/admin/backends_app/node/{node.pk}/delete/", {"post": "yes"}).status_code == 403
+    node.refresh_from_db()
+    assert node.backends_path != "/etc"
+    assert client.get(page).status_code == 200  # still shown, read-only

@@ -15,6 +15,7 @@ from backends_app import jobs, procedure
 from backends_app.disk import layout
 from backends_app.models import (
     Backend,
+    Gallery,
     InstalledVersion,
     JobKind,
     JobStatus,
@@ -77,6 +78,27 @@ def test_upgrade_keeps_the_previous_version_and_rollback_brings_it_back(
     assert InstalledVersion.objects.get(name="cpu-demo", state="current").digest == published.first_digest
     published.backend.refresh_from_db()
     assert published.backend.held_digest == second  # the version rolled back from is held
+
+
+def test_a_gallery_set_through_the_web_cannot_make_the_workers_run_its_health_command(
+    published: Any, settings: Any, gallery_factory: Any, tmp_path: Path
+) -> None:
+    """Whoever may add a gallery in the admin or the API must not run code on every node: the
+    health-check command of such a gallery's entries is ignored (the settings' command still runs)."""
+    proof = tmp_path / "ran"
+    gallery = gallery_factory(
+        [{"name": "cpu-demo", "uri": published.ref, "healthcheck": {"command": f"touch {proof}"}}]
+    )
+    Gallery.objects.filter(pk=gallery.pk).update(set_through_web=True)
+    backend = Backend.objects.lookup("cpu-demo")
+
+    job = run_op(backend, JobKind.INSTALL)
+
+    assert job.status == JobStatus.SUCCEEDED, job.error
+    assert not proof.exists()
+    Gallery.objects.filter(pk=gallery.pk).update(set_through_web=False)  # configured by the operator
+    assert run_op(backend, JobKind.UPGRADE, force=True).status == JobStatus.SUCCEEDED
+    assert proof.exists()
 
 
 def test_a_health_failing_upgrade_is_rolled_back_automatically_and_held(

@@ -128,6 +128,10 @@ class RegistryConfig:
     """The longest one blob (a layer, a config, a manifest) may take to download, retries and
     resumes included (0: none)."""
     user_agent: str = "backend-portal-oci/1"
+    on_response: Callable[[str, str, int | None], None] | None = None
+    """Called after every HTTP exchange as ``(host, method, status)``, ``status`` None when no
+    answer came (connection error, timeout): how the portal counts requests and 429s without this
+    module knowing about metrics. Errors it raises are logged, never passed on."""
 
     @property
     def connect_read_timeout(self) -> tuple[float, float]:
@@ -596,11 +600,24 @@ class RegistryClient:
                 ):
                     host.scheme = "http"
                     continue
+                self._observe(host.name, method, None)
+                raise
+            except requests.RequestException:
+                self._observe(host.name, method, None)
                 raise
             if host.scheme is None and "://" not in url_path:
                 host.scheme = scheme
             self._count(method)
+            self._observe(host.name, method, response.status_code)
             return response
+
+    def _observe(self, host: str, method: str, status: int | None) -> None:
+        if self.config.on_response is None:
+            return
+        try:
+            self.config.on_response(host, method, status)
+        except Exception:
+            log.exception("the registry response observer failed")
 
     def _request(
         self,

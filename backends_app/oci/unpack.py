@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 
 # Compressed input is fed to zlib in slices of this size: zlib copies the unconsumed input
 # (``unconsumed_tail``) on every call that hits ``max_length``, so big slices make inflating
-# highly compressible data quadratic (the 1000:1 trap in PRODUCT.md).
+# highly compressible data quadratic (backend layers compress up to 1000:1 in places).
 INFLATE_INPUT_SLICE = 64 * 1024
 # The most a single decompressor call may produce; bounds memory whatever the compression ratio.
 INFLATE_OUTPUT_CAP = 1024 * 1024

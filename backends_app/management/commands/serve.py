@@ -18,7 +18,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from backends_app import processes
+from backends_app import metrics, processes
 
 
 class Command(BaseCommand):
@@ -41,6 +41,7 @@ class Command(BaseCommand):
 
         signal.signal(signal.SIGINT, request_stop)
         signal.signal(signal.SIGTERM, request_stop)
+        self.stdout.write(metrics.prepare_metric_files())  # before any child counts anything
         children = [processes.start(web)]
         if not no_worker:
             children.append(processes.start(worker))

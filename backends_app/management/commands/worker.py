@@ -1,5 +1,8 @@
 """`manage.py worker`: a django-q2 worker for one node, reconciled at start and heartbeating.
 
+At start it also queues a sync of every enabled gallery never synced, so a fresh portal fills its
+gallery list without anyone asking (a gallery that cannot be reached shows its error on the pages).
+
 Without options it serves the node this machine's settings describe, on the default queue. With
 `--node NAME --backends-path PATH` it registers (or updates) that node and runs a cluster named after
 it, so jobs for that node, routed by name, run here and touch only its backends directory.
@@ -31,8 +34,8 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError, connection
 
-from backends_app import procedure, processes
-from backends_app.models import Node
+from backends_app import metrics, procedure, processes
+from backends_app.models import Gallery, Node
 from backends_app.watcher import BackendsWatch
 
 log = logging.getLogger(__name__)
@@ -81,8 +84,8 @@ class Heartbeat(threading.Thread):
 
 class Command(BaseCommand):
     help = (
-        "Recover interrupted operations and record the backends directory, then run a django-q2 "
-        "cluster for this node until stopped, heartbeating."
+        "Recover interrupted operations and record the backends directory, queue the first sync of "
+        "galleries never synced, then run a django-q2 cluster for this node until stopped, heartbeating."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -92,7 +95,9 @@ class Command(BaseCommand):
         parser.add_argument("--capability", help="The node's capability for meta backends.")
         parser.add_argument("--platform", help="The node's platform, os/arch[/variant].")
         parser.add_argument("--workers", type=int, help="Worker processes in the cluster.")
-        parser.add_argument("--once", action="store_true", help="Reconcile and exit (no cluster).")
+        parser.add_argument(
+            "--once", action="store_true", help="Reconcile, queue first syncs, and exit (no cluster)."
+        )
         # The worker's own child process: the django-q2 cluster, killed whole if the worker dies.
         parser.add_argument("--run-cluster", action="store_true", help=argparse.SUPPRESS)
 
@@ -108,6 +113,7 @@ class Command(BaseCommand):
         for key in ("PORTAL_BACKENDS_PATH", "PORTAL_STATE_PATH"):
             if key in env:
                 setattr(settings, key, Path(env[key]))
+        self.stdout.write(metrics.prepare_metric_files())
         node = Node.local()
         node.heartbeat()
         stop = threading.Event()
@@ -115,6 +121,13 @@ class Command(BaseCommand):
         watcher = BackendsWatch(node, settings.PORTAL_WATCH_INTERVAL, stop)
         report = procedure.reconcile(node)
         self.stdout.write(f"{node.name}: {report.summary()}")
+        # A fresh portal lists nothing until its galleries are read: sync those never synced now,
+        # on this worker's own queue so it runs here at once.
+        first = Gallery.objects.filter(enabled=True, last_synced_at=None).request_sync(
+            cluster=settings.PORTAL_NODE_QUEUE or None
+        )
+        if first:
+            self.stdout.write(f"first sync of gallery {', '.join(first)} queued")
         if once:
             return
         received: list[int] = [signal.SIGTERM]

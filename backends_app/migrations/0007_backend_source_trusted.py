@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('backends_app', '0004_notifications'),
+        ('backends_app', '0006_backend_check_note_hardware_gallery_sync_last_check'),
     ]
 
     operations = [

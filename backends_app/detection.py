@@ -3,13 +3,20 @@
 `find_upgrades()` looks at every current, concrete installed backend on every node (a meta backend reports
 through its concrete one) and decides, per backend and node:
 
-1. The tag still points at the installed image (one HEAD, digest equal): nothing to upgrade.
+1. The tag still points at the installed image (one HEAD, digest equal): nothing to download. A
+   higher declared version is still flagged, as an upgrade of metadata only (`METADATA_ONLY`):
+   the upgrade then rewrites metadata.json and downloads nothing.
 2. Both sides declare a version: the versions decide, ordered (PEP 440, else semantic versions, a
    leading ``v`` tolerated); a lower or equal gallery version is never an upgrade; plain inequality
    only when neither side parses. A gallery version where none was installed is an upgrade.
 3. Otherwise the digest: the tag moved, so the new image and the installed one are resolved for the
    node's platform and their platform manifests compared; a rebuild for another architecture only
    is not an upgrade.
+
+The tag HEADed first is the one the installed build came from (a mirror, a tag fallback), when the
+gallery still offers it. A backend that is not an image (a local directory, an archive) is decided
+from the gallery entry alone, with no request: the declared versions first, then an archive's
+declared sha256 against the installed digest (`_decide_local`).
 
 Pinned backends and targets held as bad are reported (reason ``pinned: ...`` / ``held: ...``) with
 ``upgrade_available`` False. A hold is released when something newer than the held target appears.
@@ -41,7 +48,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from backends_app import metrics, oci
+from backends_app import metrics, oci, sources
 from backends_app.models import (
     REFUSED_PREFIX,
     Backend,
@@ -61,6 +68,8 @@ log = logging.getLogger(__name__)
 
 # Seconds between two progress writes on the job row (a check of 500 backends writes a handful).
 PROGRESS_INTERVAL = 0.5
+#: How a reason says the upgrade only rewrites metadata.json (the build installed is the one offered).
+METADATA_ONLY = "metadata only: no download"
 
 
 class CheckCancelled(Exception):
@@ -213,12 +222,18 @@ class _Target:
     installed_digest: str
     gallery_version: str
     chain: tuple[str, ...]
+    """Image references to HEAD, in order: the installed source first (see `_targets`)."""
     pinned: bool
     held_version: str
     held_digest: str
     held_reason: str
     gone: bool
     signature_policy: signatures.SignaturePolicy
+    kind: str = sources.IMAGE
+    """What the gallery's uri names: an image, a local path or a URL (`sources.kind_of`)."""
+    gallery_sha256: str = ""
+    archive: bool = False
+    """The uri names an archive (a URL, or a local file rather than a directory)."""
 
 
 @dataclass
@@ -268,6 +283,8 @@ _TARGET_FIELDS = (
     "backend__held_digest",
     "backend__held_reason",
     "backend__gone",
+    "uri",
+    "backend__sha256",
     "backend__gallery__name",
     "backend__gallery__signature_mode",
     *(f"backend__gallery__{name}" for name in Gallery.VERIFICATION_FIELDS.values()),
@@ -302,11 +319,21 @@ def _targets(nodes: Iterable[Node | str] | None) -> list[_Target]:
         held_digest,
         held_reason,
         gone,
+        installed_uri,
+        gallery_sha256,
         gallery,
         signature_mode,
         *verification,
     ) in rows:
         block = signatures.Verification(**dict(zip(Gallery.VERIFICATION_FIELDS, verification, strict=True)))
+        kind = sources.kind_of(uri) if uri else sources.IMAGE
+        chain = Backend.chain_for(uri, mirrors)
+        if kind == sources.IMAGE:
+            # Compared with the source the installed build came from (a mirror, a tag fallback),
+            # when the gallery still offers it; the others follow in the gallery's order.
+            chain = [ref for ref in chain if sources.kind_of(ref) == sources.IMAGE]
+            if installed_uri in chain:
+                chain = [installed_uri, *(ref for ref in chain if ref != installed_uri)]
         targets.append(
             _Target(
                 installed_id=pk,
@@ -318,7 +345,7 @@ def _targets(nodes: Iterable[Node | str] | None) -> list[_Target]:
                 installed_version=version,
                 installed_digest=digest,
                 gallery_version=gallery_version,
-                chain=tuple(ref for ref in [uri, *(mirrors or [])] if ref),  # Backend.reference_chain
+                chain=tuple(chain) if kind == sources.IMAGE else (),
                 pinned=pinned,
                 held_version=held_version,
                 held_digest=held_digest,
@@ -327,6 +354,9 @@ def _targets(nodes: Iterable[Node | str] | None) -> list[_Target]:
                 signature_policy=signatures.SignaturePolicy.effective(
                     signature_mode, block, gallery=gallery, strict=strict
                 ),
+                kind=kind,
+                gallery_sha256=gallery_sha256,
+                archive=kind == sources.URL or sources.is_archive_name(uri),
             )
         )
     return targets
@@ -421,17 +451,20 @@ def _decide(target: _Target, head: _Head, new: _Lookup | None, old: _Lookup | No
         result.note = "no longer in its gallery: nothing to upgrade to"
         return result
     reason = ""
+    verdict = _version_verdict(target)
     if head.digest and head.digest == target.installed_digest:
-        # The tag points at exactly the installed image: nothing would change on disk.
+        # The tag points at exactly the installed image: nothing would change on disk, but a
+        # higher declared version is recorded by rewriting metadata.json (an upgrade without
+        # a download).
         result.decided = True
         result.available_version = target.gallery_version or target.installed_version
-        if _version_verdict(target) == 1:
-            result.note = (
-                f"gallery declares {target.gallery_version} but its tag still points at the installed image"
-            )
-        return result
-    verdict = _version_verdict(target)
-    if verdict is not None:
+        if verdict != 1:
+            return result
+        reason = (
+            f"version {target.installed_version or '(none)'} -> {target.gallery_version} "
+            f"({METADATA_ONLY}: the tag still points at the installed image)"
+        )
+    elif verdict is not None:
         result.decided = True
         if verdict > 0:
             reason = f"version {target.installed_version or '(none)'} -> {target.gallery_version}"
@@ -478,6 +511,67 @@ def _decide(target: _Target, head: _Head, new: _Lookup | None, old: _Lookup | No
                 f"new build for {target.platform}: {short_digest(old.manifest_digest)} -> "
                 f"{short_digest(new.manifest_digest)}"
             )
+    return _flag(result, target, reason)
+
+
+def _archive_digest(target: _Target) -> str:
+    """The gallery's sha256 as a digest (``sha256:<hex>``), for an archive backend that declares one."""
+    declared = target.gallery_sha256.strip().lower().removeprefix("sha256:")
+    return f"sha256:{declared}" if target.archive and declared else ""
+
+
+def _decide_local(target: _Target) -> BackendCheck:
+    """The verdict for a backend that is not an image (a directory, an archive): from the gallery
+    entry alone, no request. The declared versions decide first, as for images; an archive's
+    sha256 decides when they cannot. A directory without a declared version has nothing to
+    compare (its tree is not read again)."""
+    expected = _archive_digest(target)
+    result = BackendCheck(
+        backend_id=target.backend_id,
+        node_id=target.node_id,
+        installed_id=target.installed_id,
+        name=target.name,
+        node=target.node,
+        installed_version=target.installed_version,
+        installed_digest=target.installed_digest,
+        available_version=target.gallery_version,
+        available_digest=expected,
+        decided=True,
+    )
+    if target.gone:
+        result.available_version = ""
+        result.note = "no longer in its gallery: nothing to upgrade to"
+        return result
+    verdict = _version_verdict(target)
+    reason = ""
+    if verdict == 1:
+        reason = f"version {target.installed_version or '(none)'} -> {target.gallery_version}"
+        if expected and expected == target.installed_digest:
+            reason += f" ({METADATA_ONLY}: the archive's sha256 is the installed one)"
+    elif verdict is not None and verdict < 0:
+        result.note = (
+            f"gallery version {target.gallery_version} is lower than installed "
+            f"{target.installed_version}: not an upgrade"
+        )
+    elif verdict == 0:
+        if expected and expected != target.installed_digest:
+            result.note = (
+                f"the archive's sha256 changed but the declared version is still {target.gallery_version}"
+            )
+    elif expected:
+        if not target.installed_digest:
+            reason = f"installed digest unknown; the gallery's archive is {short_digest(expected)}"
+        elif expected != target.installed_digest:
+            reason = (
+                f"archive sha256 changed: {short_digest(target.installed_digest)} -> {short_digest(expected)}"
+            )
+    else:
+        result.note = "no declared version or sha256 in the gallery: nothing to compare with"
+    return _flag(result, target, reason)
+
+
+def _flag(result: BackendCheck, target: _Target, reason: str) -> BackendCheck:
+    """Flag `result` for `reason`, unless the target is held as bad or the backend pinned."""
     if not reason:
         return result
     held = _matches_hold(target, result.available_version, result.available_digest)
@@ -632,7 +726,8 @@ def _look_up(
     """
     by_chain: dict[tuple[str, ...], list[int]] = {}
     for index, target in enumerate(targets):
-        if not target.gone:  # not offered any more: nothing to look up
+        # Not offered any more, or not an image: nothing to look up.
+        if not target.gone and target.kind == sources.IMAGE:
             by_chain.setdefault(target.chain, []).append(index)
     heads: dict[tuple[str, ...], _Head] = {}
     lookups: dict[tuple[str, str], _Lookup] = {}  # (reference, platform) -> outcome
@@ -702,6 +797,9 @@ def _look_up(
             raise
     verdicts = []
     for index, target in enumerate(targets):
+        if target.kind != sources.IMAGE:
+            verdicts.append((target, _decide_local(target)))
+            continue
         compared = compares.get(index)
         new, old = (lookups[compared[0]], lookups[compared[1]]) if compared else (None, None)
         verdicts.append((target, _decide(target, heads.get(target.chain, _Head()), new, old)))
@@ -716,7 +814,7 @@ def _check_signatures(client: oci.RegistryClient, verdicts: list[tuple[_Target, 
     """
     pending: dict[tuple[Any, ...], list[BackendCheck]] = {}
     for target, result in verdicts:
-        if result.upgrade_available and target.signature_policy.enforced:
+        if result.upgrade_available and target.signature_policy.enforced and target.kind == sources.IMAGE:
             key = (
                 result.source,
                 result.available_digest,

@@ -10,6 +10,7 @@ import datetime as dt
 import hashlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +20,14 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import IntegrityError, connections, models, transaction
-from django.db.models import Prefetch, Q
+from django.db.models import Count, Prefetch, Q, Value
+from django.db.models.functions import Concat
 from django.dispatch import Signal
 from django.utils import timezone
 
 from backends_app import gallery as gallery_index
-from backends_app import notify, versions
+from backends_app import notify, sources, versions
+from backends_app.disk import layout
 from backends_app.oci import signatures
 
 log = logging.getLogger(__name__)
@@ -44,9 +47,13 @@ SYNC_BATCH = 500
 SQLITE_WRITER_PAUSE = 0.11
 
 
+#: The gallery holding backends installed from a uri no gallery lists (`BackendManager.external`).
+EXTERNAL_GALLERY = "external"
+
+
 class OperationRefused(Exception):
     """An operation that cannot be queued as asked; `reason` says why in one word for programs:
-    pinned, not_installed, nothing_kept, gone, duplicate, busy, no_nodes."""
+    pinned, not_installed, nothing_kept, gone, duplicate, busy, no_nodes, invalid."""
 
     def __init__(self, message: str, reason: str = "refused") -> None:
         super().__init__(message)
@@ -467,6 +474,18 @@ class BackendQuerySet(models.QuerySet["Backend"]):
             outcomes.jobs.append(run(job) if run is not None else job)
         return outcomes
 
+    def drifting(self) -> BackendQuerySet:
+        """Backends whose nodes do not all run the same build: more than one (version, digest)
+        among their current installed rows. `Backend.node_drift` says which nodes differ."""
+        builds = (
+            InstalledVersion.objects.filter(state=InstalledVersion.State.CURRENT, backend__isnull=False)
+            .values("backend")
+            .annotate(builds=Count(Concat("version", Value("@"), "digest"), distinct=True))
+            .filter(builds__gt=1)
+            .values("backend")
+        )
+        return self.filter(pk__in=builds)
+
     def lookup(self, name: str) -> Backend:
         """A backend by gallery name, or `gallery@name` where two galleries share one.
 
@@ -552,6 +571,66 @@ class BackendManager(models.Manager.from_queryset(BackendQuerySet)):  # type: ig
                         setattr(row, key, values[key])
                 to_update.append(row)
         return to_create, to_update
+
+    def external(
+        self,
+        uri: str,
+        *,
+        name: str = "",
+        alias: str = "",
+        sha256: str = "",
+        from_command_line: bool = False,
+    ) -> Backend:
+        """The backend row for an install from a uri no gallery lists (LocalAI's install-external).
+
+        Rows live in the gallery `EXTERNAL_GALLERY` (disabled: never synced), one per name, and an
+        install of the same name again replaces the uri. As LocalAI: a local directory's name
+        defaults to the directory's own name, an image needs one; an archive's name defaults to
+        its file name without the archive extension. A local path named through the web (not
+        `from_command_line`) must lie below the local node's `Node.source_roots`; the procedure
+        checks it again when the job runs. Raises OperationRefused (reason ``invalid``).
+        """
+        uri = uri.strip()
+        if not uri:
+            raise OperationRefused("uri is required", "invalid")
+        kind = sources.kind_of(uri)
+        if not name:
+            if kind == sources.IMAGE:
+                raise OperationRefused("specifying a name is required for OCI images", "invalid")
+            base = Path(sources.shown(uri).partition("?")[0].rstrip("/")).name
+            for suffix in sorted(sources.ARCHIVE_SUFFIXES, key=len, reverse=True):
+                if base.lower().endswith(suffix) and base[: -len(suffix)]:
+                    base = base[: -len(suffix)]
+                    break
+            name = base
+        try:
+            layout.check_name(name)
+        except layout.LayoutError as exc:
+            raise OperationRefused(str(exc), "invalid") from None
+        if kind == sources.PATH and not from_command_line:
+            try:
+                sources.confine(uri, Node.local().source_roots, "backend source")
+            except sources.SourceError as exc:
+                raise OperationRefused(str(exc), "invalid") from None
+        gallery, _ = Gallery.objects.get_or_create(
+            name=EXTERNAL_GALLERY, defaults={"url": "", "enabled": False, "set_through_web": False}
+        )
+        entry = {"name": name, "uri": uri, **({"alias": alias} if alias else {})}
+        if sha256:
+            entry["sha256"] = sha256
+        values = {
+            "uri": uri,
+            "alias": alias,
+            "sha256": sha256,
+            "entry": entry,
+            "gone": False,
+            "is_meta": False,
+            "mirrors": [],
+            "version": "",
+            "source_trusted": from_command_line,
+        }
+        backend, _ = self.update_or_create(gallery=gallery, name=name, occurrence=0, defaults=values)
+        return backend
 
     def vanished(self, source: Gallery, seen: set[tuple[str, int]]) -> list[int]:
         """The gallery's rows not yet gone that the stored index no longer lists (a read)."""
@@ -675,6 +754,12 @@ class Backend(models.Model):
         help_text="What a concrete entry needs (metal, nvidia-l4t, nvidia, amd, intel; empty: any CPU), "
         "read from its name and image as LocalAI does.",
     )
+    source_trusted = models.BooleanField(
+        default=False,
+        editable=False,
+        help_text="Installed from the command line: a local directory or file uri may lie outside "
+        "PORTAL_BACKEND_SOURCE_ROOTS.",
+    )
 
     # Filled by the upgrade check.
     latest_digest = models.CharField(max_length=100, blank=True)
@@ -751,6 +836,32 @@ class Backend(models.Model):
     def reference_chain(self) -> list[str]:
         """The image references to try, in order: the uri, then the mirrors."""
         return [ref for ref in [self.uri, *self.mirrors] if ref]
+
+    @property
+    def source_chain(self) -> list[str]:
+        """Where an install tries to get this backend, in LocalAI's order (`chain_for`)."""
+        return self.chain_for(self.uri, self.mirrors)
+
+    @staticmethod
+    def chain_for(uri: str, mirrors: list[str] | None) -> list[str]:
+        """The uri, the mirrors, then the uri's tag fallbacks (``latest-X`` -> ``master-X`` ->
+        ``master-X-development``, LocalAI's names configurable), without repeats."""
+        chain: list[str] = []
+        fallbacks = sources.fallback_uris(
+            uri,
+            settings.PORTAL_BACKEND_RELEASE_TAG,
+            settings.PORTAL_BACKEND_BRANCH_TAG,
+            settings.PORTAL_BACKEND_DEV_SUFFIX,
+        )
+        for ref in [uri, *(mirrors or []), *fallbacks]:
+            if ref and ref not in chain:
+                chain.append(ref)
+        return chain
+
+    @property
+    def source_kind(self) -> str:
+        """`sources.IMAGE`, `sources.PATH` or `sources.URL`: what the uri names."""
+        return sources.kind_of(self.uri) if self.uri else sources.IMAGE
 
     def concrete_name_for(self, capability: str) -> str:
         """The concrete entry a meta backend resolves to; unknown capabilities take `default` (as LocalAI)."""
@@ -886,6 +997,45 @@ class Backend(models.Model):
     def drift(self) -> bool:
         """True when the nodes that have this backend do not all run the same build."""
         return len({row.digest or row.version for row in self.current_versions()}) > 1
+
+    def _reporting_rows(self) -> list[InstalledVersion]:
+        # LocalAI counts the nodes that answer (core/services/nodes: no offline node); a node that
+        # never sent a heartbeat (the local node of a standalone portal) counts.
+        return [
+            row for row in self.current_versions() if row.node.last_heartbeat_at is None or row.node.online
+        ]
+
+    def majority_build(self) -> tuple[str, str]:
+        """The (version, digest) most nodes run: the first pair to reach the highest count, in node
+        order (LocalAI's summarizeNodeDrift). ("", "") when installed nowhere."""
+        counts: Counter[tuple[str, str]] = Counter()
+        top, top_count = ("", ""), 0
+        for row in self._reporting_rows():
+            pair = (row.version, row.digest)
+            counts[pair] += 1
+            if counts[pair] > top_count:
+                top, top_count = pair, counts[pair]
+        return top
+
+    def node_drift(self) -> list[dict[str, str]]:
+        """LocalAI's ``node_drift`` (core/gallery/upgrade.go): every node whose (version, digest)
+        differs from the majority's (`majority_build`), in node order, as ``{"node_id",
+        "node_name", "version"?, "digest"?}`` (empty values left out). Empty when all agree."""
+        rows = self._reporting_rows()
+        if len({(row.version, row.digest) for row in rows}) < 2:
+            return []
+        majority = self.majority_build()
+        drift = []
+        for row in rows:
+            if (row.version, row.digest) == majority:
+                continue
+            item = {"node_id": str(row.node_id), "node_name": row.node.name}
+            if row.version:
+                item["version"] = row.version
+            if row.digest:
+                item["digest"] = row.digest
+            drift.append(item)
+        return drift
 
     def fan_out(
         self,
@@ -1061,6 +1211,16 @@ class Node(models.Model):
                 setattr(node, key, value)
             node.save(update_fields=list(wanted))
         return node
+
+    @property
+    def source_roots(self) -> list[Path]:
+        """Where a local directory or file archive that a gallery or the web names may be read from:
+        PORTAL_BACKEND_SOURCE_ROOTS, by default the data directory and the backends directory's
+        parent. (The command line may name any directory: `Backend.source_trusted`.)"""
+        if settings.PORTAL_BACKEND_SOURCE_ROOTS:
+            return list(settings.PORTAL_BACKEND_SOURCE_ROOTS)
+        roots = [Path(settings.DATA_DIR), Path(self.backends_path).parent]
+        return list(dict.fromkeys(roots))
 
     def heartbeat(self) -> None:
         self.last_heartbeat_at = timezone.now()

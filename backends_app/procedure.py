@@ -17,20 +17,22 @@ import shlex
 import signal
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
 from backends_app import gallery as gallery_index
-from backends_app import oci, versions
+from backends_app import oci, sources, versions
 from backends_app.disk import fsops, layout
 from backends_app.disk.errors import LayoutError
 from backends_app.disk.health import health_check
 from backends_app.disk.journal import Journal, JournalRecord
 from backends_app.models import (
+    EXTERNAL_GALLERY,
     Backend,
     InstalledVersion,
     JobKind,
@@ -234,40 +236,63 @@ def _concrete_for(meta: Backend, node: Node) -> Backend:
         ) from None
 
 
+class IntegrityRequired(ProcedureError):
+    """PORTAL_REQUIRE_BACKEND_INTEGRITY is on and the archive's gallery entry declares no sha256."""
+
+
+@dataclass
+class Fetched:
+    """What a source provided into the staging directory, or found unchanged."""
+
+    source: str
+    """The uri actually used (the gallery's uri, a mirror, or a tag fallback), as written."""
+    digest: str
+    """An image's tag digest, an archive's ``sha256:<hex>``, a directory's tree digest."""
+    version: str = ""
+    """The version the source declares (an image's annotation), if any."""
+    unchanged: bool = False
+    """The source holds exactly the installed build: nothing was staged, only metadata changes."""
+    notes: list[str] = field(default_factory=list)
+    """Warnings for the job's closing message (no sha256, a source that failed first)."""
+    signature: signatures.SignatureOutcome | None = None
+    """What the gallery's signature policy found (images only; None: not checked)."""
+
+
 def install_concrete(op: Operation, backend: Backend) -> str:
-    """Download, verify and stage `backend`, swap it in, health-check it, keep the previous tree."""
+    """Download, verify and stage `backend`, swap it in, health-check it, keep the previous tree.
+
+    The source is an image, a local directory or an archive (`sources.kind_of`), tried in LocalAI's
+    order (`Backend.source_chain`). An upgrade (not forced) whose source still holds the installed
+    build (same digest) changes only metadata.json (`_rewrite_metadata`): no download, no swap.
+    """
     job, name = op.job, backend.name
     live = op.backends / name
     staging = op.state.staging_root / name / f"job-{job.pk}"
+    # A forced upgrade downloads again whatever is installed (a repair); another one whose source
+    # still holds the installed build only rewrites metadata.
+    installed = _read_live_metadata(op, name) if job.kind == JobKind.UPGRADE and not job.force else None
     # The journal's lock is held from here to the end: it is what tells reconcile this is alive.
     op.journal.begin(job.kind, name, job.pk, live=live, staging=staging, step="staging")
     try:
-        op.phase(JobPhase.RESOLVING, f"resolving {backend.uri}")
-        refs = backend.reference_chain
-        if not refs:
-            raise ProcedureError(f"{name} has no image reference in its gallery")
-        resolved = op.client.resolve_first(refs, platform=op.node.platform)
-        # Known now; corrected after the pull if a mirror ends up serving another build.
-        job._update(
-            to_version=backend.version or resolved.version or "",
-            to_digest=resolved.digest,
-            source=resolved.source,
-        )
-        # The platform manifest the pull will fetch (it verifies every blob against it), checked
-        # before a byte of it is downloaded; again after the pull if a mirror served another one.
-        policy = backend.gallery.signature_policy()
-        signature = _check_signature(op, backend, policy, resolved.source, resolved.manifest_digest)
-        needed = int(resolved.total_compressed_size * (1 + UNPACK_RATIO))
-        fsops.ensure_free_space(op.state.root, needed, SPACE_MARGIN)
-        op.checkpoint("resolved")
-
-        op.phase(JobPhase.DOWNLOADING, f"downloading {resolved.source}")
+        op.phase(JobPhase.RESOLVING, f"resolving {sources.shown(backend.uri)}")
+        chain = backend.source_chain
+        if not chain:
+            raise ProcedureError(f"{name} has no uri in its gallery")
         staging.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        pulled = _pull(op, resolved, refs, staging)
-        if (pulled.source, pulled.manifest_digest) != (resolved.source, resolved.manifest_digest):
-            signature = _check_signature(op, backend, policy, pulled.source, pulled.manifest_digest)
-        version = backend.version or pulled.version or ""
-        job._update(to_version=version, to_digest=pulled.digest, source=pulled.source)
+        if backend.source_kind == sources.IMAGE:
+            fetched = _fetch_image(
+                op,
+                backend,
+                [ref for ref in chain if sources.kind_of(ref) == sources.IMAGE],
+                staging,
+                installed,
+            )
+        else:
+            fetched = _fetch_other(op, backend, chain, staging, installed)
+        version = backend.version or fetched.version
+        job._update(to_version=version, to_digest=fetched.digest, source=fetched.source)
+        if fetched.unchanged and installed is not None:
+            return _rewrite_metadata(op, backend, installed, version)
         op.checkpoint("downloaded")
 
         staging.chmod(0o755)  # it becomes the live directory; LocalAI may run as another user
@@ -279,14 +304,16 @@ def install_concrete(op: Operation, backend: Backend) -> str:
                 gallery_url=gallery_index.public_url(backend.gallery.url),  # never credentials
                 installed_at=layout.format_rfc3339(timezone.now()),
                 version=version,
-                uri=backend.uri,
-                digest=pulled.digest,
-                extra=_signature_record(signature),
+                uri=fetched.source,  # what was installed, not only the primary (LocalAI writes the primary)
+                digest=fetched.digest,
+                extra=_signature_record(fetched.signature),
             ),
         )
         precheck = health_check(staging)
         if not precheck.ok:
-            raise ProcedureError(f"the image of {name} is not a backend: {precheck.detail}")
+            raise ProcedureError(
+                f"what {sources.shown(fetched.source)} holds is not a backend: {precheck.detail}"
+            )
         fsops.sync_tree(staging)
         op.checkpoint("staged")
     except BaseException:
@@ -295,8 +322,209 @@ def install_concrete(op: Operation, backend: Backend) -> str:
         op.journal.clear(name)
         raise
     _swap_in(op, backend, source=staging, source_is_kept=False)
-    summary = f"{name} {version or pulled.digest[:19]} installed from {pulled.source}"
-    return f"{summary}; {signature.summary()}" if signature.summary() else summary
+    notes = [*fetched.notes, fetched.signature.summary()] if fetched.signature else fetched.notes
+    shown_notes = f" ({'; '.join(note for note in notes if note)})" if any(notes) else ""
+    return (
+        f"{name} {version or fetched.digest[:19]} installed from {sources.shown(fetched.source)}{shown_notes}"
+    )
+
+
+def _fetch_image(
+    op: Operation, backend: Backend, refs: list[str], staging: Path, installed: layout.BackendMetadata | None
+) -> Fetched:
+    """Resolve the first reference that answers; pull it unless it is the installed image."""
+    job = op.job
+    resolved = op.client.resolve_first(refs, platform=op.node.platform)
+    # Known now; corrected after the pull if a mirror ends up serving another build.
+    job._update(
+        to_version=backend.version or resolved.version or "",
+        to_digest=resolved.digest,
+        source=resolved.source,
+    )
+    if installed is not None and installed.digest and resolved.digest == installed.digest:
+        return Fetched(
+            source=installed.uri or resolved.source,
+            digest=resolved.digest,
+            version=resolved.version or "",
+            unchanged=True,
+        )
+    # The platform manifest the pull will fetch (it verifies every blob against it), checked
+    # before a byte of it is downloaded; again after the pull if a mirror served another one.
+    policy = backend.gallery.signature_policy()
+    signature = _check_signature(op, backend, policy, resolved.source, resolved.manifest_digest)
+    needed = int(resolved.total_compressed_size * (1 + UNPACK_RATIO))
+    fsops.ensure_free_space(op.state.root, needed, SPACE_MARGIN)
+    op.checkpoint("resolved")
+
+    op.phase(JobPhase.DOWNLOADING, f"downloading {resolved.source}")
+    pulled = _pull(op, resolved, refs, staging)
+    if (pulled.source, pulled.manifest_digest) != (resolved.source, resolved.manifest_digest):
+        signature = _check_signature(op, backend, policy, pulled.source, pulled.manifest_digest)
+    return Fetched(
+        source=pulled.source, digest=pulled.digest, version=pulled.version or "", signature=signature
+    )
+
+
+def _fetch_other(
+    op: Operation, backend: Backend, chain: list[str], staging: Path, installed: layout.BackendMetadata | None
+) -> Fetched:
+    """A backend whose uri is a local path or a URL: each source of the chain in order until one
+    provides it. A hostile tree, a cancel or a missing sha256 under strict integrity stop at once."""
+    errors: list[str] = []
+    for uri in chain:
+        kind = sources.kind_of(uri)
+        try:
+            if kind == sources.IMAGE:
+                fetched = _fetch_image(op, backend, [uri], staging, installed)
+            elif kind == sources.PATH:
+                # The roots first: what exists outside them is none of a gallery's business.
+                _local_source(op, backend, uri, "backend source")
+                if os.path.isdir(uri):
+                    fetched = _copy_directory(op, backend, uri, staging, installed)
+                elif os.path.lexists(uri):
+                    fetched = _fetch_archive(op, backend, uri, staging, installed)
+                else:
+                    raise sources.SourceError(f"{uri} does not exist")
+            else:
+                fetched = _fetch_archive(op, backend, uri, staging, installed)
+        except (oci.UnsafeArchive, Cancelled, IntegrityRequired):
+            raise
+        except (sources.SourceError, oci.OCIError) as exc:
+            log.warning("job %s: %s failed: %s", op.job.pk, sources.shown(uri), exc)
+            errors.append(f"{sources.shown(uri)}: {exc}")
+            fsops.remove_tree(staging)
+            continue
+        if errors:
+            fetched.notes.append(f"tried first: {'; '.join(errors)}")
+        return fetched
+    raise ProcedureError(f"no source could provide {backend.name}: {'; '.join(errors)}")
+
+
+def _local_source(op: Operation, backend: Backend, path: str, what: str) -> Path:
+    """A local path a source may be read from: below `Node.source_roots` unless the command line
+    named it, and never the state directory or a directory holding it (a copy into itself)."""
+    if backend.source_trusted:
+        real = Path(os.path.realpath(path))
+    else:
+        real = sources.confine(path, op.node.source_roots, what)
+    state = Path(os.path.realpath(op.state.root))
+    if real == state or real in state.parents or state in real.parents:
+        raise sources.SourceError(f"{what} {path} holds or is inside the portal's state directory {state}")
+    return real
+
+
+def _progress(op: Operation, label: str) -> Callable[[int, int], None]:
+    """A transfer's progress on the job row (at most every 0.2 s), and a crash and cancel point."""
+    last = [0.0]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 0.2 or (total and done >= total):
+            last[0] = now
+            op.progress(done, total, label)
+        op.checkpoint("downloading")
+
+    return report
+
+
+def _free_for_writing(op: Operation) -> int:
+    return max(0, fsops.free_bytes(op.state.root) - SPACE_MARGIN)
+
+
+def _copy_directory(
+    op: Operation, backend: Backend, uri: str, staging: Path, installed: layout.BackendMetadata | None
+) -> Fetched:
+    source = _local_source(op, backend, uri, "backend source")
+    op.checkpoint("resolved")
+    op.phase(JobPhase.DOWNLOADING, f"copying {source}")
+    copied = sources.copy_tree(
+        source,
+        staging,
+        label=str(source),
+        progress=_progress(op, f"copying {source}"),
+        free_bytes=_free_for_writing(op),
+    )
+    fetched = Fetched(source=uri, digest=copied.digest)
+    if backend.sha256:
+        fetched.notes.append("the gallery's sha256 does not apply to a directory and was not checked")
+    if installed is not None and installed.digest == copied.digest:
+        fsops.remove_tree(staging)
+        fetched.unchanged = True
+    return fetched
+
+
+def _fetch_archive(
+    op: Operation, backend: Backend, uri: str, staging: Path, installed: layout.BackendMetadata | None
+) -> Fetched:
+    declared = backend.sha256.strip()
+    notes = []
+    if not declared:
+        if settings.PORTAL_REQUIRE_BACKEND_INTEGRITY:
+            raise IntegrityRequired(
+                f'strict integrity: backend "{backend.name}" has no SHA256 (gallery "{backend.gallery.name}")'
+            )
+        notes.append("no sha256 in the gallery: the archive was not verified")
+    elif (
+        installed is not None
+        and installed.digest.lower() == f"sha256:{declared.lower().removeprefix('sha256:')}"
+    ):
+        return Fetched(source=installed.uri or uri, digest=installed.digest, unchanged=True)
+    confined: list[Path] | None = None
+    if sources.kind_of(uri) != sources.URL or uri.lower().startswith("file:"):
+        path = sources.local_path(uri)
+        _local_source(op, backend, str(path), "backend source")
+        confined = None if backend.source_trusted else op.node.source_roots
+    op.checkpoint("resolved")
+    op.phase(JobPhase.DOWNLOADING, f"downloading {sources.shown(uri)}")
+    download_path = staging.parent / f"{staging.name}.download"
+    try:
+        got = sources.download(
+            uri,
+            download_path,
+            config=op.client.config,
+            progress=_progress(op, f"downloading {sources.shown(uri)}"),
+            free_bytes=_free_for_writing(op),
+            confined_to=confined,
+        )
+        if declared:
+            sources.check_sha256(got, declared, uri)  # before a single entry is extracted
+        op.checkpoint("downloading")
+        op.phase(JobPhase.DOWNLOADING, f"extracting {sources.shown(uri)}")
+        sources.extract(download_path, staging, label=sources.shown(uri), free_bytes=_free_for_writing(op))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            download_path.unlink()
+    return Fetched(source=uri, digest=f"sha256:{got.sha256}", notes=notes)
+
+
+def _rewrite_metadata(
+    op: Operation, backend: Backend, installed: layout.BackendMetadata, version: str
+) -> str:
+    """An upgrade whose source still holds the installed build: metadata.json alone is rewritten
+    (new version and time, same uri and digest), in one atomic rename, under the journal."""
+    name = backend.name
+    op.phase(JobPhase.SWAPPING, "metadata only: no download")
+    op.checkpoint("resolved", cancellable=False)
+    metadata = layout.BackendMetadata(
+        name=name,
+        alias=backend.alias,
+        gallery_url=gallery_index.public_url(backend.gallery.url),
+        installed_at=layout.format_rfc3339(timezone.now()),
+        version=version,
+        uri=installed.uri,
+        digest=installed.digest,
+        extra=installed.extra,
+    )
+    layout.write_metadata(op.backends / name, metadata)
+    op.checkpoint("metadata-written", cancellable=False)
+    record_disk_state(op.node, [name], origin=_origin_for(op.job))
+    backend.record_installed(version=version, digest=installed.digest)
+    op.journal.clear(name)
+    before = installed.version or "(no version)"
+    return (
+        f"{name} {before} -> {version or '(no version)'}: metadata only: no download "
+        f"({sources.shown(installed.uri)} still holds the installed build {installed.digest[:19]})"
+    )
 
 
 def _check_signature(
@@ -323,9 +551,9 @@ def _check_signature(
     return outcome
 
 
-def _signature_record(outcome: signatures.SignatureOutcome) -> dict[str, Any]:
+def _signature_record(outcome: signatures.SignatureOutcome | None) -> dict[str, Any]:
     """What metadata.json keeps of the signature check (nothing when none ran)."""
-    record = outcome.to_json()
+    record = outcome.to_json() if outcome is not None else None
     return {layout.SIGNATURE_KEY: record} if record else {}
 
 
@@ -456,14 +684,19 @@ def _to_trash(op: Operation, path: Path) -> None:
 
 
 def _write_meta(op: Operation, concrete: Backend) -> None:
-    """Write the meta backend's directory: metadata.json alone, pointing at the concrete one."""
+    """Write the meta backend's directory: metadata.json alone, pointing at the concrete one.
+
+    As LocalAI writes it: no alias, and the concrete's version (here the one installed, so it is
+    refreshed by every upgrade, where LocalAI's goes stale).
+    """
     meta = op.backend
+    installed = _read_live_metadata(op, concrete.name)
     metadata = layout.BackendMetadata(
         name=meta.name,
-        alias=meta.alias,
         meta_backend_for=concrete.name,
         gallery_url=gallery_index.public_url(meta.gallery.url),
         installed_at=layout.format_rfc3339(timezone.now()),
+        version=installed.version if installed else concrete.version,
     )
     live = op.backends / meta.name
     if live.is_dir():
@@ -590,6 +823,11 @@ def _backend_for(metadata: layout.BackendMetadata | None, name: str) -> Backend 
         exact = [b for b in candidates if b.gallery.url == written]
         if exact:
             return exact[0]
+    elif metadata is not None:
+        # No gallery: an install from a uri (LocalAI's install-external), if the portal made one.
+        external = [b for b in candidates if b.gallery.name == EXTERNAL_GALLERY]
+        if external:
+            return external[0]
     return candidates.first()
 
 

@@ -15,6 +15,7 @@ BENCHMARKS = [
     ["bench.bench_netproxy"],
     ["bench.bench_signatures"],
     ["bench.bench_signatures", "--via-proxy", LINK],
+    ["bench.bench_watch"],
     ["bench.bench_pull", "--size-mib", "256", "--via-proxy", LINK],
     ["bench.bench_check", "--backends", "300", "--rounds", "3", "--via-proxy", LINK],
 ]

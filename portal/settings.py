@@ -354,6 +354,23 @@ PORTAL_GALLERY_FILE_ROOTS = [
     Path(item).resolve() for item in env_list("PORTAL_GALLERY_FILE_ROOTS", str(DATA_DIR))
 ]
 
+# Backends that are not images (docs/operations.md#backends-that-are-not-images). The directories a
+# gallery entry or a web request may name as a backend's source, or as a file:// archive (empty: the
+# data directory and the backends directory's parent); the command line may name any directory.
+PORTAL_BACKEND_SOURCE_ROOTS = [Path(item).resolve() for item in env_list("PORTAL_BACKEND_SOURCE_ROOTS")]
+# Refuse an archive whose gallery entry has no sha256 (default: install it, with a warning).
+PORTAL_REQUIRE_BACKEND_INTEGRITY = env_bool(
+    "PORTAL_REQUIRE_BACKEND_INTEGRITY",
+    env_bool("LOCALAI_REQUIRE_BACKEND_INTEGRITY", env_bool("REQUIRE_BACKEND_INTEGRITY", False)),
+)
+# LocalAI's tag fallbacks: a missing `latest-X` image is tried as `master-X`, then `master-X-development`.
+PORTAL_BACKEND_RELEASE_TAG = env_str("LOCALAI_BACKEND_IMAGES_RELEASE_TAG") or "latest"
+PORTAL_BACKEND_BRANCH_TAG = env_str("LOCALAI_BACKEND_IMAGES_BRANCH_TAG") or "master"
+PORTAL_BACKEND_DEV_SUFFIX = env_str("LOCALAI_BACKEND_DEV_SUFFIX") or "development"
+# `manage.py worker`: seconds between two looks at the backends directory for backends others
+# installed, changed or removed (LocalAI, by hand); 0 turns the watch off.
+PORTAL_WATCH_INTERVAL = env_int("PORTAL_WATCH_INTERVAL", 2)
+
 # Notifications (docs/notifications.md). PORTAL_NOTIFY_URLS gives the initial list of Apprise URLs;
 # afterwards the stored list (admin, settings page, API) wins. Links in messages start with
 # PORTAL_BASE_URL, the address operators reach the portal at.

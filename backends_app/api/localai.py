@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.db.models import Count
+from django.db.models import Count, Q
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import exceptions, serializers, status
@@ -85,6 +85,20 @@ UPGRADE_INFO_SCHEMA = {
         "available_version": {"type": "string"},
         "installed_digest": {"type": "string", "description": "Omitted when empty, as in LocalAI."},
         "available_digest": {"type": "string", "description": "Omitted when empty, as in LocalAI."},
+        "node_drift": {
+            "type": "array",
+            "description": "The nodes whose build differs from the majority's; omitted when all agree.",
+            "items": {
+                "type": "object",
+                "required": ["node_id", "node_name"],
+                "properties": {
+                    "node_id": {"type": "string"},
+                    "node_name": {"type": "string"},
+                    "version": {"type": "string"},
+                    "digest": {"type": "string"},
+                },
+            },
+        },
     },
 }
 UPGRADES_MAP = OpenApiResponse(
@@ -107,14 +121,17 @@ LOCALAI_ERROR = inline_serializer(
 )
 
 
-def upgrades_map() -> dict[str, dict[str, str]]:
+def upgrades_map() -> dict[str, dict[str, Any]]:
     """LocalAI's `GET /backends/upgrades` body: flagged backends keyed by name.
 
     A name two galleries share is keyed `gallery@name` for each, so every key can be passed back to
-    `POST /backends/upgrade/<key>`.
+    `POST /backends/upgrade/<key>`. Where nodes run different builds, LocalAI's `node_drift` lists
+    them and the installed version and digest are the majority's (`Backend.node_drift`); such a
+    backend is listed even when no node is behind the gallery (unless pinned).
     """
     local = Node.local()
-    flagged = list(backends_with_details().filter(upgrade_available=True))
+    drifting = Q(pk__in=Backend.objects.drifting(), pinned=False)
+    flagged = list(backends_with_details().filter(Q(upgrade_available=True) | drifting))
     shared = set(
         Backend.objects.visible()
         .filter(name__in={b.name for b in flagged})
@@ -123,21 +140,29 @@ def upgrades_map() -> dict[str, dict[str, str]]:
         .filter(galleries__gt=1)
         .values_list("name", flat=True)
     )
-    upgrades: dict[str, dict[str, str]] = {}
+    upgrades: dict[str, dict[str, Any]] = {}
     for backend in flagged:
+        drift = backend.node_drift()
+        if not drift and not backend.upgrade_available:
+            continue
         key = f"{backend.gallery.name}@{backend.name}" if backend.name in shared else backend.name
         current = backend.current_versions()
         installed = next((r for r in current if r.node_id == local.pk), current[0] if current else None)
-        info = {
+        version, digest = (installed.version, installed.digest) if installed else ("", "")
+        if drift:
+            version, digest = backend.majority_build()
+        info: dict[str, Any] = {
             "backend_name": backend.name,
-            "installed_version": installed.version if installed else "",
+            "installed_version": version,
             "available_version": backend.available_version,
         }
-        # LocalAI omits empty digests (`omitempty`).
-        if installed and installed.digest:
-            info["installed_digest"] = installed.digest
+        # LocalAI omits empty digests and an empty drift (`omitempty`).
+        if digest:
+            info["installed_digest"] = digest
         if backend.latest_digest:
             info["available_digest"] = backend.latest_digest
+        if drift:
+            info["node_drift"] = drift
         upgrades[key] = info
     return upgrades
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import uuid
 from dataclasses import dataclass, field
@@ -165,14 +166,51 @@ def read_metadata(backend_dir: StrPath) -> BackendMetadata:
         raise LayoutError(f"{exc} (in {backend_dir})") from exc.__cause__
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+# What Go's encoder escapes and Python's writes raw: HTML's three (json.Marshal's default
+# SetEscapeHTML(true)) and the two JavaScript line terminators. None of them can occur inside an
+# escape sequence, a number or a literal, so replacing them in the finished text is exact.
+_GO_ESCAPES = (
+    ("<", "\\u003c"),
+    (">", "\\u003e"),
+    ("&", "\\u0026"),
+    ("\u2028", "\\u2028"),
+    ("\u2029", "\\u2029"),
+)
+
+
+def _go_strings(value: Any) -> Any:
+    """Strings as Go holds them after decoding: a lone surrogate (from a ``\\udXXX`` escape) is U+FFFD."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {_go_strings(key): _go_strings(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_go_strings(item) for item in value]
+    return value
+
+
+def metadata_bytes(metadata: BackendMetadata) -> bytes:
+    """The exact bytes LocalAI's ``json.MarshalIndent(metadata, "", "  ")`` writes (Go 1.26).
+
+    Struct order, two-space indent, ``": "`` and ``","`` separators, no trailing newline; non-ASCII
+    raw in UTF-8; ``<``, ``>``, ``&``, U+2028 and U+2029 as ``\\u`` escapes; ``\\b``, ``\\f``,
+    ``\\n``, ``\\r``, ``\\t`` as such and other control characters as ``\\u00xx`` (Python's
+    ``json`` does the same since Go 1.22 writes ``\\b`` and ``\\f`` short too).
+    """
+    text = json.dumps(_go_strings(metadata.to_json()), indent=2, ensure_ascii=False)
+    for raw, escaped in _GO_ESCAPES:
+        text = text.replace(raw, escaped)
+    return text.encode()
+
+
 def write_metadata(backend_dir: StrPath, metadata: BackendMetadata) -> None:
-    """Write ``<backend_dir>/metadata.json`` atomically, formatted as LocalAI formats it.
+    """Write ``<backend_dir>/metadata.json`` atomically, byte for byte as LocalAI writes it.
 
     LocalAI refuses to list *any* backend while one metadata.json is unparsable, so a torn write
     here would take every backend down: hence temp file, fsync, rename, fsync of the directory.
     """
-    text = json.dumps(metadata.to_json(), indent=2, ensure_ascii=False)
-    atomic_write(Path(backend_dir) / METADATA_FILE, text.encode(), mode=0o644)
+    atomic_write(Path(backend_dir) / METADATA_FILE, metadata_bytes(metadata), mode=0o644)
 
 
 # --- scanning the backends directory ------------------------------------------------------------
@@ -272,11 +310,25 @@ def _scan_directory(path: Path, backends: Path) -> ScannedBackend:
     )
 
 
+# What LocalAI's own install and upgrade leave in the backends directory while they run
+# (core/gallery/backends.go, upgrade.go): ``<name>.install-tmp`` and ``<name>.upgrade-tmp`` (staging),
+# ``<name>.install-backup`` and ``<name>.backup`` (the previous tree during the swap) and
+# ``<name>.install-tmp.partial`` (a download). They come and go within one operation.
+LOCALAI_TRANSIENT_SUFFIXES = (".install-tmp", ".upgrade-tmp", ".install-backup", ".backup", ".partial")
+
+
+def is_transient(name: str) -> bool:
+    """Whether ``name`` is one of LocalAI's in-flight staging or backup names, not a backend."""
+    return name.endswith(LOCALAI_TRANSIENT_SUFFIXES)
+
+
 def scan(backends_path: StrPath) -> list[ScannedBackend]:
     """Every directory under ``backends_path``, sorted by name, each checked as LocalAI would use it.
 
     One bad entry is flagged in its ``problem`` and never breaks the listing. Hidden directories are
-    reported (LocalAI lists them too). Plain files are skipped, as LocalAI skips them. A symlink to a
+    reported (LocalAI lists them too). LocalAI's own staging and backup directories
+    (`is_transient`) are skipped: they belong to an operation of LocalAI's still running, and
+    become (or replace) a backend when it ends. Plain files are skipped, as LocalAI skips them. A symlink to a
     directory is reported as a problem without being followed: LocalAI ignores it, and the portal
     does not manage a tree that lives elsewhere. A missing backends directory is an empty listing.
     """
@@ -291,6 +343,8 @@ def scan(backends_path: StrPath) -> list[ScannedBackend]:
     found: list[ScannedBackend] = []
     for entry in entries:
         path = Path(entry.path)
+        if is_transient(entry.name):
+            continue
         if entry.is_symlink():
             if entry.is_dir(follow_symlinks=True):
                 found.append(

@@ -351,11 +351,25 @@ class UnpackStats:
     bytes_written: int = 0
 
 
-class RootfsWriter:
-    """Applies tar layers, in order, onto ``root`` with the safety rules of the module docstring."""
+class EntryData(Protocol):
+    """Where a regular file's bytes come from: :class:`TarReader`, or any source of the same shape."""
 
-    def __init__(self, root: Path) -> None:
+    def read_data(self, size: int) -> Iterable[bytes | memoryview]: ...
+
+
+class RootfsWriter:
+    """Applies tar layers, in order, onto ``root`` with the safety rules of the module docstring.
+
+    The same rules serve trees that are not image layers (an archive, a directory being copied;
+    see ``backends_app.sources``): with ``whiteouts`` False a ``.wh.`` name is an ordinary file, and
+    with ``reroot_absolute_links`` False an absolute symlink target is refused instead of being
+    re-rooted, since such a tree was never a root filesystem.
+    """
+
+    def __init__(self, root: Path, *, whiteouts: bool = True, reroot_absolute_links: bool = True) -> None:
         self.root = Path(root)
+        self._whiteouts = whiteouts
+        self._reroot = reroot_absolute_links
         self._root_str = os.fspath(self.root)
         self.stats = UnpackStats()
         # Relative directory paths known to be real directories (not symlinks) right now. Any
@@ -378,6 +392,17 @@ class RootfsWriter:
         reader = TarReader(tar_stream, label)
         for entry in reader:
             self._apply_entry(reader, entry)
+
+    def apply_entries(self, entries: Iterable[tuple[TarEntry, EntryData]], label: str) -> None:
+        """Apply entries that come from elsewhere than a tar stream, as one layer named ``label``.
+
+        Each entry comes with the source of its data (read only for a regular file, exactly
+        ``entry.size`` bytes). The tree still needs :meth:`finish`.
+        """
+        self._label = label
+        self._this_layer = set()
+        for entry, data in entries:
+            self._apply_entry(data, entry)
 
     def finish(self) -> None:
         """Check every symlink of the finished tree, then set directory modes and times.
@@ -416,14 +441,14 @@ class RootfsWriter:
             raise self._unsafe(name, f"NUL byte in {what}{shown}")
         return parts
 
-    def _apply_entry(self, reader: TarReader, entry: TarEntry) -> None:
+    def _apply_entry(self, reader: EntryData, entry: TarEntry) -> None:
         name = entry.name
         parts = self._split(name)
         if not parts:
             return  # the root directory entry "./"
         if entry.type in _REFUSED_TYPES:
             raise self._unsafe(name, f"{_REFUSED_TYPES[entry.type]} not allowed")
-        if parts[-1].startswith(WHITEOUT_PREFIX):
+        if self._whiteouts and parts[-1].startswith(WHITEOUT_PREFIX):
             self._apply_whiteout(name, parts)
             return
         rel = "/".join(parts)
@@ -439,7 +464,7 @@ class RootfsWriter:
             self._dir_meta[rel] = (entry.mode & MODE_MASK, entry.mtime)
             self.stats.directories += 1
         elif entry.type == SYMLINK:
-            target = self._symlink_target(name, parts[:-1], entry.linkname)
+            target = self._symlink_target(name, parts[:-1], entry.linkname, rerooted=self._reroot)
             self._clear_path(rel, path)
             os.symlink(target, path)
             with contextlib.suppress(OSError):
@@ -521,7 +546,7 @@ class RootfsWriter:
         os.mkdir(path, 0o700)
         self._real_dirs.add(rel)
 
-    def _write_file(self, reader: TarReader, entry: TarEntry, rel: str, path: str) -> None:
+    def _write_file(self, reader: EntryData, entry: TarEntry, rel: str, path: str) -> None:
         try:
             fd = os.open(path, _OPEN_NEW_FILE, 0o600)
         except FileExistsError:

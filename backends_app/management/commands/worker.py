@@ -7,6 +7,10 @@ Without options it serves the node this machine's settings describe, on the defa
 `--node NAME --backends-path PATH` it registers (or updates) that node and runs a cluster named after
 it, so jobs for that node, routed by name, run here and touch only its backends directory.
 
+While it runs, a thread watches the node's backends directory (`backends_app.watcher`), so
+backends that LocalAI or a person installs, changes or removes there are recorded within
+PORTAL_WATCH_INTERVAL seconds.
+
 The cluster runs in a child process with a process group of its own (see backends_app.processes).
 Whichever way the worker ends (a signal, an error, the cluster dying), the cluster's whole group is
 stopped before the worker exits; if the worker is killed outright, the kernel's death signal makes
@@ -32,6 +36,7 @@ from django.db import DatabaseError, connection
 
 from backends_app import metrics, procedure, processes
 from backends_app.models import Gallery, Node
+from backends_app.watcher import BackendsWatch
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +116,9 @@ class Command(BaseCommand):
         self.stdout.write(metrics.prepare_metric_files())
         node = Node.local()
         node.heartbeat()
+        stop = threading.Event()
+        # Made before the reconcile, so what changes on disk from here on is seen.
+        watcher = BackendsWatch(node, settings.PORTAL_WATCH_INTERVAL, stop)
         report = procedure.reconcile(node)
         self.stdout.write(f"{node.name}: {report.summary()}")
         # A fresh portal lists nothing until its galleries are read: sync those never synced now,
@@ -122,7 +130,6 @@ class Command(BaseCommand):
             self.stdout.write(f"first sync of gallery {', '.join(first)} queued")
         if once:
             return
-        stop = threading.Event()
         received: list[int] = [signal.SIGTERM]
 
         def request_stop(signum: int, _frame: Any) -> None:
@@ -140,6 +147,8 @@ class Command(BaseCommand):
         )
         heartbeat = Heartbeat(node, settings.PORTAL_HEARTBEAT_INTERVAL, stop)
         heartbeat.start()
+        if settings.PORTAL_WATCH_INTERVAL > 0:
+            watcher.start()
         try:
             while not stop.wait(1) and not processes.has_exited(cluster):
                 pass
@@ -148,6 +157,8 @@ class Command(BaseCommand):
             stop.set()
             [code] = processes.stop([cluster], received[0], settings.PORTAL_SHUTDOWN_GRACE)
             heartbeat.join(timeout=1)
+            if watcher.is_alive():
+                watcher.join(timeout=5)
         if not requested:
             raise CommandError(f"the django-q2 cluster exited with status {code}; stopping")
 

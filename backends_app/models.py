@@ -7,6 +7,7 @@ the API, the commands and the tasks call the same verbs.
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -846,6 +847,13 @@ class UpgradeJob(models.Model):
     """
 
     kind = models.CharField(max_length=10, choices=JobKind.choices)
+    uuid = models.UUIDField(
+        default=uuid.uuid4,
+        unique=True,
+        editable=False,
+        help_text="The job's id on LocalAI's routes, which name jobs by UUID (the portal's own API "
+        "uses the number).",
+    )
     status = models.CharField(
         max_length=12, choices=JobStatus.choices, default=JobStatus.QUEUED, db_index=True
     )

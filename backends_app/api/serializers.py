@@ -207,6 +207,7 @@ class UpgradeJobSerializer(serializers.ModelSerializer):
         model = UpgradeJob
         fields = [
             "id",
+            "uuid",
             "url",
             "kind",
             "status",

@@ -33,7 +33,9 @@ from drf_spectacular.utils import (
 )
 from rest_framework import exceptions, serializers, status
 from rest_framework.authentication import SessionAuthentication, TokenAuthentication
-from rest_framework.renderers import JSONRenderer
+from rest_framework.negotiation import BaseContentNegotiation, DefaultContentNegotiation
+from rest_framework.parsers import BaseParser
+from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.reverse import reverse
@@ -99,6 +101,18 @@ def error_type(exc: Exception) -> str:
     return ""
 
 
+class AlwaysJSON(BaseContentNegotiation):
+    """LocalAI answers JSON whatever the request's `Accept` says (a browser's `text/html` included)."""
+
+    def select_parser(self, request: Request, parsers: list[BaseParser]) -> BaseParser | None:
+        return DefaultContentNegotiation().select_parser(request, parsers)
+
+    def select_renderer(
+        self, request: Request, renderers: list[BaseRenderer], format_suffix: str | None = None
+    ) -> tuple[BaseRenderer, str]:
+        return renderers[0], renderers[0].media_type
+
+
 class LocalAIView(APIView):
     """A LocalAI route: JSON only, the portal's sign-in and permissions, LocalAI's error envelope
     `{"error": {"code", "message", "type"}}`.
@@ -109,6 +123,7 @@ class LocalAIView(APIView):
     """
 
     renderer_classes = [JSONRenderer]
+    content_negotiation_class = AlwaysJSON
     authentication_classes = [BearerTokenAuthentication, TokenAuthentication, SessionAuthentication]
     write_action = permissions.OPERATE
 

@@ -429,8 +429,10 @@ def sorted_entries(entries: list[Backend], by: str, order: str, installed: set[s
 
 def positive_int(value: str | None, default: int) -> int:
     """Go's `strconv.Atoi` with LocalAI's fallback: anything but a whole number >= 1 is the default."""
+    text = (value or "").strip()
+    digits = text.lstrip("+-")
     try:
-        number = int((value or "").strip()) if value and value.strip().lstrip("+-").isdigit() else 0
+        number = int(text) if digits.isascii() and digits.isdigit() and len(text) - len(digits) <= 1 else 0
     except ValueError:  # more digits than Python converts
         number = 0
     return number if number >= 1 else default
@@ -516,7 +518,11 @@ class CatalogView(LocalAIUIView):
         entries = list(gallery_entries())
         rows = current_rows()
         installed = installed_names(rows)
-        distributed = is_distributed()
+        nodes: dict[str, list[dict[str, Any]]] | None = None
+        if is_distributed():
+            nodes = {}
+            for row in rows:
+                nodes.setdefault(row.name, []).append(node_ref(row))
         live = live_operations()
         active = {job.backend_id: job for job in live if job.backend_id is not None}
         aliased = {
@@ -533,7 +539,10 @@ class CatalogView(LocalAIUIView):
         total_pages = math.ceil(total / items)
         start = min((page - 1) * items, total)
         page_entries = entries[start : start + items]
-        metas_on_page = [b for b in page_entries if b.is_meta]
+        meta_of: dict[str, str] = {}  # a concrete's meta on this page (LocalAI's metaParentOf)
+        for meta in (b for b in page_entries if b.is_meta):
+            for concrete in meta.capabilities.values():
+                meta_of.setdefault(concrete, meta.name)
 
         shown, seen = [], set()
         for backend in page_entries:
@@ -542,7 +551,6 @@ class CatalogView(LocalAIUIView):
                 continue
             seen.add(ident)
             job = active.get(backend.pk)
-            parent = next((m.name for m in metas_on_page if backend.name in m.capabilities.values()), "")
             raw = backend.entry if isinstance(backend.entry, dict) else {}
             shown.append(
                 go_map(
@@ -559,11 +567,9 @@ class CatalogView(LocalAIUIView):
                         "isMeta": backend.is_meta,
                         "jobID": str(job.uuid) if job else "",
                         "license": backend.license,
-                        "metaBackendFor": parent,
+                        "metaBackendFor": meta_of.get(backend.name, ""),
                         "name": backend.name,
-                        "nodes": [node_ref(r) for r in rows if r.name == backend.name]
-                        if distributed
-                        else None,
+                        "nodes": None if nodes is None else nodes.get(backend.name),
                         "processing": job is not None,
                         "tags": list(backend.tags) if "tags" in raw else None,
                         "urls": raw.get("urls") if isinstance(raw.get("urls"), list) else None,

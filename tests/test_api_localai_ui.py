@@ -60,7 +60,7 @@ def catalog(gallery: Gallery) -> dict[str, Backend]:
             gallery,
             "llama-cpp",
             0,
-            capabilities={"default": "cpu-llama-cpp", "nvidia": "cuda12-llama-cpp"},
+            capabilities={"nvidia": "cuda12-llama-cpp", "default": "cpu-llama-cpp"},
             tags=["LLM", "text"],
             description="LLM inference in C/C++",
         ),
@@ -105,6 +105,7 @@ def test_the_catalog_answers_localais_keys_in_go_map_order(api: Any, catalog: di
     )
     meta = next(b for b in body["backends"] if b["name"] == "llama-cpp")
     assert list(meta) == sorted(meta)
+    assert list(meta["capabilities"]) == ["default", "nvidia"]  # a Go map: keys in byte order
     assert meta == {
         "capabilities": {"default": "cpu-llama-cpp", "nvidia": "cuda12-llama-cpp"},
         "description": "LLM inference in C/C++",

@@ -267,6 +267,7 @@ def test_surfaces_per_node_op_status_entries_on_api_operations(api: Any, gallery
     assert len(operations(api)) == 1  # the fan-out once, not once per node
     nodes = op["nodes"]
     assert [n["node_name"] for n in nodes] == ["worker-a", "worker-b"]
+    assert all(list(node) == sorted(node) for node in nodes)  # Go maps in LocalAI's list
     assert nodes[0]["status"] == "downloading" and nodes[0]["file_name"] == "vllm.tar"
     assert nodes[0]["percentage"] == 30.0
     assert nodes[1]["status"] == "running_on_worker"

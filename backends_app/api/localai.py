@@ -474,7 +474,7 @@ def gallery_backend(backend: Backend, installed: bool) -> dict[str, Any]:
         ("uri", backend.uri),
         ("version", backend.version),
         ("mirrors", list(backend.mirrors)),
-        ("capabilities", dict(backend.capabilities)),
+        ("capabilities", go_map(backend.capabilities)),  # a Go map: keys in byte order
         ("sha256", backend.sha256),
     ]
     return {key: value for key, value in values if value or key == "gallery"}

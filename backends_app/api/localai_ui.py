@@ -155,7 +155,7 @@ def operation(job: UpgradeJob) -> dict[str, Any]:
         body["nodeID"] = job.node.name
     nodes = node_progress(job)
     if nodes:
-        body["nodes"] = nodes
+        body["nodes"] = [go_map(node) for node in nodes]  # maps here in LocalAI, a struct in OpStatus
     return go_map(body)
 
 
@@ -555,7 +555,7 @@ class CatalogView(LocalAIUIView):
             shown.append(
                 go_map(
                     {
-                        "capabilities": dict(backend.capabilities) or None,
+                        "capabilities": go_map(backend.capabilities) or None,
                         "description": backend.description,
                         "gallery": backend.gallery.name,
                         "icon": backend.icon,

@@ -188,8 +188,8 @@ def test_upgrade_should_accept_upgrade_request_and_return_job_id(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="installing from a directory source is the procedure's (docs/upgrades.md): this route "
-    "hands the gallery's directory uri to it unchanged",
+    reason="the procedure does not install from a directory source yet; the route hands it the "
+    "gallery's directory uri unchanged",
 )
 def test_upgrade_should_upgrade_the_backend_and_update_metadata(
     api: Any, upgrade_world: dict[str, Any]

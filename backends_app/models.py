@@ -10,6 +10,7 @@ import datetime as dt
 import hashlib
 import logging
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -587,12 +588,19 @@ class BackendManager(models.Manager.from_queryset(BackendQuerySet)):  # type: ig
         install of the same name again replaces the uri. As LocalAI: a local directory's name
         defaults to the directory's own name, an image needs one; an archive's name defaults to
         its file name without the archive extension. A local path named through the web (not
-        `from_command_line`) must lie below the local node's `Node.source_roots`; the procedure
-        checks it again when the job runs. Raises OperationRefused (reason ``invalid``).
+        `from_command_line`) must lie below the node's `Node.source_roots`: the procedure checks it
+        when the job runs, on the node that reads it (as LocalAI, the request itself is accepted).
+        Raises OperationRefused (reason ``invalid``) for a missing uri or name.
         """
         uri = uri.strip()
         if not uri:
             raise OperationRefused("uri is required", "invalid")
+        if uri.lower().startswith("ocifile://"):
+            raise OperationRefused(
+                "ocifile:// (an image tarball on disk) is not supported: push the image to a registry, "
+                "or unpack the backend into a directory and install that",
+                "invalid",
+            )
         kind = sources.kind_of(uri)
         if not name:
             if kind == sources.IMAGE:
@@ -605,16 +613,22 @@ class BackendManager(models.Manager.from_queryset(BackendQuerySet)):  # type: ig
             name = base
         try:
             layout.check_name(name)
+            if alias:
+                layout.check_name(alias, "alias")
         except layout.LayoutError as exc:
             raise OperationRefused(str(exc), "invalid") from None
-        if kind == sources.PATH and not from_command_line:
-            try:
-                sources.confine(uri, Node.local().source_roots, "backend source")
-            except sources.SourceError as exc:
-                raise OperationRefused(str(exc), "invalid") from None
         gallery, _ = Gallery.objects.get_or_create(
             name=EXTERNAL_GALLERY, defaults={"url": "", "enabled": False, "set_through_web": False}
         )
+        if gallery.enabled or gallery.url:
+            raise OperationRefused(
+                f"a gallery named {EXTERNAL_GALLERY!r} is followed ({gallery.url}); the portal keeps that "
+                "name for external installs: rename the gallery",
+                "taken",
+            )
+        existing = self.filter(gallery=gallery, name=name, occurrence=0).first()
+        if existing is not None and existing.jobs.filter(status__in=JobStatus.ACTIVE).exists():
+            return existing  # an operation on it is under way: `request` brings that job back
         entry = {"name": name, "uri": uri, **({"alias": alias} if alias else {})}
         if sha256:
             entry["sha256"] = sha256
@@ -1432,6 +1446,13 @@ class UpgradeJob(models.Model):
     """
 
     kind = models.CharField(max_length=10, choices=JobKind.choices)
+    uuid = models.UUIDField(
+        default=uuid.uuid4,
+        unique=True,
+        editable=False,
+        help_text="The job's id on LocalAI's routes, which name jobs by UUID (the portal's own API "
+        "uses the number).",
+    )
     status = models.CharField(
         max_length=12, choices=JobStatus.choices, default=JobStatus.QUEUED, db_index=True
     )

@@ -264,8 +264,9 @@ REST_FRAMEWORK = {
 SPECTACULAR_SETTINGS = {
     "TITLE": "Backend Portal API",
     "DESCRIPTION": (
-        "Track, check, upgrade and roll back LocalAI backends. Endpoints under /api/ follow REST "
-        "conventions; the /backends/... routes answer with LocalAI's own paths and JSON shapes. "
+        "Track, check, upgrade and roll back LocalAI backends. The portal's own API is under /api/v1/ "
+        "and follows REST conventions; LocalAI's routes (/backends/..., tag `localai`; /api/backends/... "
+        "and /api/operations/..., tag `localai-ui`) answer with LocalAI's paths and JSON shapes. "
         "See docs/api.md."
     ),
     "VERSION": "1",

@@ -57,10 +57,10 @@ def test_a_backend_shows_what_is_installed_where_and_what_the_check_found(api: A
     other = Node.objects.create(name="gpu-box", backends_path="/srv/backends")
     install(backend, other, version="1.1")
 
-    body = api.get("/api/backends/cpu-llama-cpp/").json()
+    body = api.get("/api/v1/backends/cpu-llama-cpp/").json()
 
     assert body["ref"] == "main@cpu-llama-cpp"
-    assert body["url"].endswith("/api/backends/main@cpu-llama-cpp/")
+    assert body["url"].endswith("/api/v1/backends/main@cpu-llama-cpp/")
     assert body["gallery"] == "main"
     assert body["declared_version"] == "1.2"
     assert body["mirrors"] == ["docker.io/x/y:z"]
@@ -78,7 +78,7 @@ def test_the_list_holds_only_the_first_entry_of_a_duplicated_name(api: Any, gall
     make_backend(gallery, "whisper")
     make_backend(gallery, "whisper", occurrence=1, uri="quay.io/other:tag")
 
-    body = api.get("/api/backends/").json()
+    body = api.get("/api/v1/backends/").json()
 
     assert body["count"] == 1
     assert body["results"][0]["uri"] == "quay.io/example/backends:whisper"
@@ -95,20 +95,20 @@ def test_filters_narrow_the_list(api: Any, gallery: Any) -> None:
     remote = Node.objects.create(name="remote", backends_path="/srv/b")
     install(make_backend(gallery, "remote-only"), remote)
 
-    assert names(api.get("/api/backends/?upgrade_available=true")) == ["flagged"]
-    assert names(api.get("/api/backends/?pinned=true")) == ["pinned-one"]
-    assert set(names(api.get("/api/backends/?installed=true"))) == {"flagged", "pinned-one", "remote-only"}
-    assert set(names(api.get("/api/backends/?installed=false"))) == {"never-installed", "elsewhere"}
-    assert names(api.get("/api/backends/?node=remote")) == ["remote-only"]
-    assert set(names(api.get("/api/backends/?node=remote&installed=false"))) == {
+    assert names(api.get("/api/v1/backends/?upgrade_available=true")) == ["flagged"]
+    assert names(api.get("/api/v1/backends/?pinned=true")) == ["pinned-one"]
+    assert set(names(api.get("/api/v1/backends/?installed=true"))) == {"flagged", "pinned-one", "remote-only"}
+    assert set(names(api.get("/api/v1/backends/?installed=false"))) == {"never-installed", "elsewhere"}
+    assert names(api.get("/api/v1/backends/?node=remote")) == ["remote-only"]
+    assert set(names(api.get("/api/v1/backends/?node=remote&installed=false"))) == {
         "flagged",
         "pinned-one",
         "never-installed",
         "elsewhere",
     }
-    assert names(api.get("/api/backends/?gallery=extra")) == ["elsewhere"]
-    assert names(api.get("/api/backends/?search=PINNED")) == ["pinned-one"]
-    assert names(api.get("/api/backends/?node=no-such-node")) == []
+    assert names(api.get("/api/v1/backends/?gallery=extra")) == ["elsewhere"]
+    assert names(api.get("/api/v1/backends/?search=PINNED")) == ["pinned-one"]
+    assert names(api.get("/api/v1/backends/?node=no-such-node")) == []
 
 
 @pytest.mark.parametrize(
@@ -126,7 +126,7 @@ def test_filters_narrow_the_list(api: Any, gallery: Any) -> None:
     ],
 )
 def test_a_malformed_filter_is_a_400_that_names_it(api: Any, gallery: Any, query: str) -> None:
-    response = api.get(f"/api/backends/?{query}")
+    response = api.get(f"/api/v1/backends/?{query}")
 
     assert response.status_code == 400
     assert query.split("=")[0] in response.json()
@@ -136,12 +136,12 @@ def test_the_list_is_paginated_with_a_page_size_parameter(api: Any, gallery: Any
     for index in range(5):
         make_backend(gallery, f"b{index}")
 
-    first = api.get("/api/backends/?page_size=2").json()
-    last = api.get("/api/backends/?page_size=2&page=3").json()
+    first = api.get("/api/v1/backends/?page_size=2").json()
+    last = api.get("/api/v1/backends/?page_size=2&page=3").json()
 
     assert first["count"] == 5 and len(first["results"]) == 2 and first["next"]
     assert [row["name"] for row in last["results"]] == ["b4"] and last["next"] is None
-    assert api.get("/api/backends/?page=99").status_code == 404
+    assert api.get("/api/v1/backends/?page=99").status_code == 404
 
 
 def test_listing_costs_the_same_few_queries_at_one_and_at_a_thousand_backends(
@@ -185,7 +185,7 @@ def test_listing_costs_the_same_few_queries_at_one_and_at_a_thousand_backends(
 
     def list_everything() -> tuple[int, dict[str, Any]]:
         with CaptureQueriesContext(connection) as queries, django_assert_max_num_queries(6):
-            body = api.get("/api/backends/?page_size=1000").json()
+            body = api.get("/api/v1/backends/?page_size=1000").json()
         return len(queries), body
 
     add_backends(1, 0)
@@ -202,8 +202,8 @@ def test_a_name_in_two_galleries_needs_the_gallery_prefix(api: Any, gallery: Any
     make_backend(gallery, "piper")
     make_backend(make_gallery("extra"), "piper", version="9")
 
-    ambiguous = api.get("/api/backends/piper/")
-    exact = api.get("/api/backends/extra@piper/")
+    ambiguous = api.get("/api/v1/backends/piper/")
+    exact = api.get("/api/v1/backends/extra@piper/")
 
     assert ambiguous.status_code == 400
     assert "main@piper" in ambiguous.json()["detail"] and "extra@piper" in ambiguous.json()["detail"]
@@ -214,8 +214,8 @@ def test_a_name_in_two_galleries_needs_the_gallery_prefix(api: Any, gallery: Any
 def test_an_unknown_backend_is_a_404_with_its_name(api: Any, gallery: Any, name: str) -> None:
     make_backend(gallery, "piper")
 
-    response = api.get(f"/api/backends/{name}/")
-    posted = api.post(f"/api/backends/{name}/install/", {}, format="json")
+    response = api.get(f"/api/v1/backends/{name}/")
+    posted = api.post(f"/api/v1/backends/{name}/install/", {}, format="json")
 
     assert response.status_code == 404 and posted.status_code == 404
     assert response.json()["detail"]
@@ -224,13 +224,13 @@ def test_an_unknown_backend_is_a_404_with_its_name(api: Any, gallery: Any, name:
 def test_install_queues_a_job_and_answers_202_with_it(api: Any, gallery: Any) -> None:
     make_backend(gallery, "kokoro")
 
-    response = api.post("/api/backends/kokoro/install/", {}, format="json")
+    response = api.post("/api/v1/backends/kokoro/install/", {}, format="json")
 
     assert response.status_code == 202
     job = response.json()
     assert job["kind"] == "install" and job["status"] == "queued" and job["backend"] == "kokoro"
     assert job["node"] == "test-node" and job["requested_by"] == "api:alice"
-    assert job["url"].endswith(f"/api/jobs/{job['id']}/")
+    assert job["url"].endswith(f"/api/v1/jobs/{job['id']}/")
     assert response["Location"] == job["url"]
     row = UpgradeJob.objects.get(pk=job["id"])
     assert row.status == JobStatus.QUEUED  # nothing runs it in the tests
@@ -239,8 +239,8 @@ def test_install_queues_a_job_and_answers_202_with_it(api: Any, gallery: Any) ->
 def test_a_second_request_on_the_same_backend_gets_409_with_the_first_job(api: Any, gallery: Any) -> None:
     install(make_backend(gallery, "bark"))
 
-    first = api.post("/api/backends/bark/upgrade/", {}, format="json")
-    second = api.post("/api/backends/bark/uninstall/", {}, format="json")
+    first = api.post("/api/v1/backends/bark/upgrade/", {}, format="json")
+    second = api.post("/api/v1/backends/bark/uninstall/", {}, format="json")
 
     assert first.status_code == 202
     assert second.status_code == 409
@@ -252,8 +252,8 @@ def test_a_second_request_on_the_same_backend_gets_409_with_the_first_job(api: A
 def test_upgrading_a_pinned_backend_is_refused_unless_forced(api: Any, gallery: Any) -> None:
     install(make_backend(gallery, "stable", pinned=True))
 
-    refused = api.post("/api/backends/stable/upgrade/", {}, format="json")
-    forced = api.post("/api/backends/stable/upgrade/", {"force": True}, format="json")
+    refused = api.post("/api/v1/backends/stable/upgrade/", {}, format="json")
+    forced = api.post("/api/v1/backends/stable/upgrade/", {"force": True}, format="json")
 
     assert refused.status_code == 409
     assert refused.json() == {"detail": "stable is pinned; unpin it or force the upgrade", "code": "refused"}
@@ -273,7 +273,7 @@ def test_a_verb_on_a_backend_that_is_not_installed_is_refused(
 ) -> None:
     make_backend(gallery, "absent")
 
-    response = api.post(f"/api/backends/absent/{verb}/", {}, format="json")
+    response = api.post(f"/api/v1/backends/absent/{verb}/", {}, format="json")
 
     assert response.status_code == 409
     assert message in response.json()["detail"] and response.json()["code"] == "refused"
@@ -286,7 +286,7 @@ def test_converging_a_backend_installed_nowhere_is_refused_not_a_server_error(
 ) -> None:
     backend = make_backend(gallery, "absent", latest_digest=latest_digest)
 
-    response = api.post("/api/backends/absent/converge/")
+    response = api.post("/api/v1/backends/absent/converge/")
 
     assert response.status_code == 409, response.content
     assert response.json() == {"detail": "absent is not installed on any node", "code": "refused"}
@@ -300,8 +300,8 @@ def test_rollback_needs_a_kept_version(api: Any, gallery: Any) -> None:
     install(make_backend(gallery, "nothing-kept"))
     install(make_backend(gallery, "one-kept"), kept=1)
 
-    refused = api.post("/api/backends/nothing-kept/rollback/", {}, format="json")
-    queued = api.post("/api/backends/one-kept/rollback/", {}, format="json")
+    refused = api.post("/api/v1/backends/nothing-kept/rollback/", {}, format="json")
+    queued = api.post("/api/v1/backends/one-kept/rollback/", {}, format="json")
 
     assert refused.status_code == 409 and "no kept version" in refused.json()["detail"]
     assert queued.status_code == 202 and queued.json()["kind"] == "rollback"
@@ -312,7 +312,7 @@ def test_a_verb_can_target_another_node_by_name(api: Any, gallery: Any) -> None:
     remote = Node.objects.create(name="remote", backends_path="/srv/b")
     install(make_backend(gallery, "spread"), remote)
 
-    response = api.post("/api/backends/spread/upgrade/", {"node": "remote"}, format="json")
+    response = api.post("/api/v1/backends/spread/upgrade/", {"node": "remote"}, format="json")
 
     assert response.status_code == 202 and response.json()["node"] == "remote"
 
@@ -338,7 +338,7 @@ def test_bad_input_to_a_verb_is_a_400_and_queues_nothing(
 ) -> None:
     install(make_backend(gallery, "careful"))
 
-    response = api.generic("POST", "/api/backends/careful/upgrade/", body, content_type=content_type)
+    response = api.generic("POST", "/api/v1/backends/careful/upgrade/", body, content_type=content_type)
 
     assert response.status_code in (400, 415)
     if field:
@@ -349,12 +349,12 @@ def test_bad_input_to_a_verb_is_a_400_and_queues_nothing(
 def test_pin_and_unpin_answer_with_the_backend(api: Any, gallery: Any) -> None:
     backend = make_backend(gallery, "steady")
 
-    pinned = api.post("/api/backends/steady/pin/")
+    pinned = api.post("/api/v1/backends/steady/pin/")
     assert pinned.status_code == 200 and pinned.json()["pinned"] is True
     backend.refresh_from_db()
     assert backend.pinned
 
-    unpinned = api.post("/api/backends/main@steady/unpin/")
+    unpinned = api.post("/api/v1/backends/main@steady/unpin/")
     assert unpinned.status_code == 200 and unpinned.json()["pinned"] is False
     backend.refresh_from_db()
     assert not backend.pinned
@@ -363,6 +363,6 @@ def test_pin_and_unpin_answer_with_the_backend(api: Any, gallery: Any) -> None:
 def test_a_backend_gone_from_its_gallery_cannot_be_installed(api: Any, gallery: Any) -> None:
     make_backend(gallery, "vanished", gone=True)
 
-    response = api.post("/api/backends/vanished/install/", {}, format="json")
+    response = api.post("/api/v1/backends/vanished/install/", {}, format="json")
 
     assert response.status_code == 409 and "no longer in gallery" in response.json()["detail"]

@@ -27,7 +27,7 @@ def test_fifty_concurrent_upgrade_requests_queue_one_job_and_409_the_rest_with_i
     def ask(client: Any) -> None:
         try:
             start.wait(timeout=30)
-            response = client.post("/api/backends/llama-cpp/upgrade/", {}, format="json")
+            response = client.post("/api/v1/backends/llama-cpp/upgrade/", {}, format="json")
             with lock:
                 answers.append((response.status_code, response.json()))
         except BaseException as exc:  # reported below: a thread's exception would otherwise vanish

@@ -39,7 +39,7 @@ def test_galleries_are_listed_with_their_sync_state(api: Any) -> None:
     Gallery.objects.all().delete()
     Gallery.objects.create(name="mine", url="file:///srv/index.yaml", last_error="boom", entry_count=3)
 
-    body = api.get("/api/galleries/").json()
+    body = api.get("/api/v1/galleries/").json()
 
     assert body["count"] == 1
     assert body["results"][0] == {
@@ -54,8 +54,8 @@ def test_galleries_are_listed_with_their_sync_state(api: Any) -> None:
         "last_attempt_at": None,
         "last_error": "boom",
     }
-    assert api.get("/api/galleries/mine/").json()["name"] == "mine"
-    assert api.get("/api/galleries/nope/").status_code == 404
+    assert api.get("/api/v1/galleries/mine/").json()["name"] == "mine"
+    assert api.get("/api/v1/galleries/nope/").status_code == 404
 
 
 @pytest.mark.parametrize(
@@ -69,7 +69,7 @@ def test_galleries_are_listed_with_their_sync_state(api: Any) -> None:
 def test_a_gallery_with_a_supported_url_is_created(api: Any, url: str, settings: Any) -> None:
     settings.PORTAL_GALLERY_FILE_ROOTS = [Path("/srv/galleries")]
 
-    response = api.post("/api/galleries/", {"name": "new", "url": url}, format="json")
+    response = api.post("/api/v1/galleries/", {"name": "new", "url": url}, format="json")
 
     assert response.status_code == 201, response.json()
     created = Gallery.objects.get(name="new")
@@ -98,7 +98,7 @@ def test_a_gallery_with_bad_input_is_a_400_with_the_reason(
     Gallery.objects.create(name="dup", url="https://example.org/dup.yaml")
     before = Gallery.objects.count()
 
-    response = api.post("/api/galleries/", body, format="json")
+    response = api.post("/api/v1/galleries/", body, format="json")
 
     assert response.status_code == 400
     assert message in " ".join(response.json()[field])
@@ -108,7 +108,7 @@ def test_a_gallery_with_bad_input_is_a_400_with_the_reason(
 def test_syncing_a_gallery_stores_its_backends_and_answers_the_summary(api: Any, index_file: Path) -> None:
     Gallery.objects.create(name="local", url=index_file.as_uri())
 
-    response = api.post("/api/galleries/local/sync/")
+    response = api.post("/api/v1/galleries/local/sync/")
 
     assert response.status_code == 200
     body = response.json()
@@ -117,14 +117,14 @@ def test_syncing_a_gallery_stores_its_backends_and_answers_the_summary(api: Any,
     assert body["summary"].startswith("local: 2 entries, 2 new")
     assert Backend.objects.get(name="whisper").resolves_to.name == "cpu-whisper"
 
-    again = api.post("/api/galleries/local/sync/", {"force": True}, format="json").json()
+    again = api.post("/api/v1/galleries/local/sync/", {"force": True}, format="json").json()
     assert again["ok"] and again["created"] == 0
 
 
 def test_a_failed_sync_is_a_502_with_the_error_and_changes_nothing(api: Any, tmp_path: Path) -> None:
     Gallery.objects.create(name="broken", url=(tmp_path / "missing.yaml").as_uri())
 
-    response = api.post("/api/galleries/broken/sync/")
+    response = api.post("/api/v1/galleries/broken/sync/")
 
     assert response.status_code == 502
     body = response.json()
@@ -134,12 +134,12 @@ def test_a_failed_sync_is_a_502_with_the_error_and_changes_nothing(api: Any, tmp
 
 
 def test_syncing_an_unknown_gallery_is_a_404(api: Any) -> None:
-    assert api.post("/api/galleries/nowhere/sync/").status_code == 404
+    assert api.post("/api/v1/galleries/nowhere/sync/").status_code == 404
 
 
 def test_a_stored_url_urllib_cannot_read_makes_the_sync_a_502_not_a_crash(api: Any) -> None:
     Gallery.objects.create(name="odd", url="https://[::1/index.yaml")  # made outside the API
 
-    response = api.post("/api/galleries/odd/sync/")
+    response = api.post("/api/v1/galleries/odd/sync/")
 
     assert response.status_code == 502 and "malformed" in response.json()["error"]

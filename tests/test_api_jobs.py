@@ -55,7 +55,7 @@ def ids(response: Any) -> list[int]:
 
 
 def test_jobs_are_listed_newest_first(api: Any, jobs: dict[str, UpgradeJob]) -> None:
-    assert ids(api.get("/api/jobs/")) == [jobs[k].pk for k in ("check", "queued", "failed", "done")]
+    assert ids(api.get("/api/v1/jobs/")) == [jobs[k].pk for k in ("check", "queued", "failed", "done")]
 
 
 @pytest.mark.parametrize(
@@ -74,12 +74,12 @@ def test_jobs_are_listed_newest_first(api: Any, jobs: dict[str, UpgradeJob]) -> 
 def test_jobs_filter_by_status_kind_and_backend(
     api: Any, jobs: dict[str, UpgradeJob], query: str, expected: list[str]
 ) -> None:
-    assert ids(api.get(f"/api/jobs/?{query}")) == [jobs[k].pk for k in expected]
+    assert ids(api.get(f"/api/v1/jobs/?{query}")) == [jobs[k].pk for k in expected]
 
 
 @pytest.mark.parametrize("query", ["status=exploded", "kind=reboot", "page_size=-1"])
 def test_a_malformed_job_filter_is_a_400(api: Any, jobs: dict[str, UpgradeJob], query: str) -> None:
-    response = api.get(f"/api/jobs/?{query}")
+    response = api.get(f"/api/v1/jobs/?{query}")
 
     assert response.status_code == 400 and query.split("=")[0] in response.json()
 
@@ -88,8 +88,8 @@ def test_a_job_shows_its_progress_outcome_and_timing(api: Any, jobs: dict[str, U
     parent = jobs["check"]
     UpgradeJob.objects.filter(pk=jobs["done"].pk).update(parent=parent)
 
-    done = api.get(f"/api/jobs/{jobs['done'].pk}/").json()
-    check = api.get(f"/api/jobs/{parent.pk}/").json()
+    done = api.get(f"/api/v1/jobs/{jobs['done'].pk}/").json()
+    check = api.get(f"/api/v1/jobs/{parent.pk}/").json()
 
     assert done["kind"] == "upgrade" and done["status"] == "succeeded" and done["phase"] == "done"
     assert done["backend"] == "piper" and done["gallery"] == "main" and done["node"] == "test-node"
@@ -103,12 +103,12 @@ def test_a_job_shows_its_progress_outcome_and_timing(api: Any, jobs: dict[str, U
 
 @pytest.mark.parametrize("job_id", ["abc", "1.5", "-1", "0", "99999999", "9" * 40, "%00", "١٢"])
 def test_a_job_id_that_names_no_job_is_a_404(api: Any, jobs: dict[str, UpgradeJob], job_id: str) -> None:
-    assert api.get(f"/api/jobs/{job_id}/").status_code == 404
-    assert api.post(f"/api/jobs/{job_id}/cancel/").status_code == 404
+    assert api.get(f"/api/v1/jobs/{job_id}/").status_code == 404
+    assert api.post(f"/api/v1/jobs/{job_id}/cancel/").status_code == 404
 
 
 def test_cancelling_a_queued_job_cancels_it_at_once(api: Any, jobs: dict[str, UpgradeJob]) -> None:
-    response = api.post(f"/api/jobs/{jobs['queued'].pk}/cancel/")
+    response = api.post(f"/api/v1/jobs/{jobs['queued'].pk}/cancel/")
 
     assert response.status_code == 200
     assert response.json()["status"] == "cancelled" and "api:ops" in response.json()["message"]
@@ -116,7 +116,7 @@ def test_cancelling_a_queued_job_cancels_it_at_once(api: Any, jobs: dict[str, Up
 
 
 def test_cancelling_a_running_job_asks_it_to_stop(api: Any, jobs: dict[str, UpgradeJob]) -> None:
-    response = api.post(f"/api/jobs/{jobs['check'].pk}/cancel/")
+    response = api.post(f"/api/v1/jobs/{jobs['check'].pk}/cancel/")
 
     assert response.status_code == 202
     assert response.json()["status"] == "running" and response.json()["cancel_requested"] is True
@@ -125,7 +125,7 @@ def test_cancelling_a_running_job_asks_it_to_stop(api: Any, jobs: dict[str, Upgr
 
 @pytest.mark.parametrize("which", ["done", "failed"])
 def test_cancelling_a_finished_job_is_a_409(api: Any, jobs: dict[str, UpgradeJob], which: str) -> None:
-    response = api.post(f"/api/jobs/{jobs[which].pk}/cancel/")
+    response = api.post(f"/api/v1/jobs/{jobs[which].pk}/cancel/")
 
     assert response.status_code == 409
     assert response.json()["code"] == "finished" and response.json()["job"]["id"] == jobs[which].pk

@@ -20,10 +20,11 @@ from tests.helpers.api import (
 
 pytestmark = pytest.mark.django_db
 
+# LocalAI's OpStatus keys that are always there; `error`, `phase`, the byte counts and `nodes` only
+# when they say something (core/services/galleryop/operation.go).
 OP_STATUS_KEYS = {
     "deletion",
     "file_name",
-    "error",
     "processed",
     "message",
     "progress",
@@ -93,11 +94,11 @@ def test_check_queues_a_check_and_answers_like_localai_with_the_known_upgrades(
     assert set(response.json()) == {"bark"}
     job = UpgradeJob.objects.get(kind=JobKind.CHECK)
     assert job.requested_by == "api:localai-client"
-    assert response["Location"].endswith(f"/backends/jobs/{job.pk}")
+    assert response["Location"].endswith(f"/backends/jobs/{job.uuid}")
     assert api.post("/backends/upgrades/check")["Location"] == response["Location"]
 
 
-def test_upgrade_answers_the_job_id_as_a_string_and_its_status_url(api: Any, gallery: Any) -> None:
+def test_upgrade_answers_the_jobs_uuid_and_its_status_url(api: Any, gallery: Any) -> None:
     install(flag_upgrade(make_backend(gallery, "kokoro")))
 
     response = api.post("/backends/upgrade/kokoro")
@@ -105,10 +106,10 @@ def test_upgrade_answers_the_job_id_as_a_string_and_its_status_url(api: Any, gal
     assert response.status_code == 200
     body = response.json()
     job = UpgradeJob.objects.get()
-    assert body == {"id": str(job.pk), "status_url": f"http://testserver/backends/jobs/{job.pk}"}
+    assert body == {"id": str(job.uuid), "status_url": f"http://testserver/backends/jobs/{job.uuid}"}
     assert job.kind == JobKind.UPGRADE and job.requested_by == "api:localai-client"
     # Asking again follows the same job rather than queueing another.
-    assert api.post("/backends/upgrade/kokoro").json()["id"] == str(job.pk)
+    assert api.post("/backends/upgrade/kokoro").json()["id"] == str(job.uuid)
     assert UpgradeJob.objects.count() == 1
 
 
@@ -126,7 +127,7 @@ def test_upgrade_errors_come_in_localais_error_envelope(
 
     assert response.status_code == code
     error = response.json()["error"]
-    assert error["code"] == code and fragment in error["message"] and error["type"]
+    assert error["code"] == code and fragment in error["message"] and error["type"] == ""
 
 
 def test_job_status_has_localais_keys_and_types(api: Any, gallery: Any) -> None:
@@ -143,22 +144,40 @@ def test_job_status_has_localais_keys_and_types(api: Any, gallery: Any) -> None:
         percent=12.3,
     )
 
-    body = api.get(f"/backends/jobs/{job.pk}").json()
+    body = api.get(f"/backends/jobs/{job.uuid}").json()
 
-    assert set(body) == OP_STATUS_KEYS
+    assert set(body) == OP_STATUS_KEYS | {"phase", "current_bytes", "total_bytes"}
     assert body == {
         "deletion": False,
         "file_name": "quay.io/example/backends:whisper",
-        "error": None,
         "processed": False,
         "message": "downloading layer 2/3",
         "progress": 12.3,
+        "phase": "queued",
+        "current_bytes": 12_897_484,
+        "total_bytes": 104_857_600,
         "file_size": "100.0 MiB",
         "downloaded_size": "12.3 MiB",
         "gallery_element_name": "whisper",
         "cancelled": False,
         "cancellable": True,
     }
+    # LocalAI's struct order.
+    assert list(body) == [
+        "deletion",
+        "file_name",
+        "processed",
+        "message",
+        "progress",
+        "phase",
+        "current_bytes",
+        "total_bytes",
+        "file_size",
+        "downloaded_size",
+        "gallery_element_name",
+        "cancelled",
+        "cancellable",
+    ]
 
 
 def test_a_finished_job_reads_as_processed_and_a_failed_one_carries_its_error(api: Any, gallery: Any) -> None:
@@ -168,23 +187,29 @@ def test_a_finished_job_reads_as_processed_and_a_failed_one_carries_its_error(ap
     )
     cancelled = UpgradeJob.objects.create(kind=JobKind.CHECK, status=JobStatus.CANCELLED, message="cancelled")
 
-    failed_body = api.get(f"/backends/jobs/{failed.pk}").json()
-    cancelled_body = api.get(f"/backends/jobs/{cancelled.pk}").json()
+    failed_body = api.get(f"/backends/jobs/{failed.uuid}").json()
+    cancelled_body = api.get(f"/backends/jobs/{cancelled.uuid}").json()
 
     assert failed_body["processed"] is True and failed_body["deletion"] is True
     assert failed_body["error"] == "disk full" and failed_body["message"] == "error: disk full"
     assert failed_body["cancellable"] is False and failed_body["file_size"] == ""
-    assert isinstance(failed_body["progress"], float)
+    assert isinstance(failed_body["progress"], float) and "phase" not in failed_body
     assert cancelled_body["cancelled"] is True and cancelled_body["processed"] is True
-    assert cancelled_body["gallery_element_name"] == "" and cancelled_body["error"] is None
+    assert cancelled_body["message"] == "cancelled"
+    # LocalAI never sends `"error": null`: the key is there only when the operation failed.
+    assert cancelled_body["gallery_element_name"] == "" and "error" not in cancelled_body
 
 
-@pytest.mark.parametrize("job_id", ["424242", "abc", "1e3", "9" * 30])
+@pytest.mark.parametrize("job_id", ["{pk}", "abc", "1e3", "9" * 30, "6ba7b810-9dad-11d1-80b4-00c04fd430c8"])
 def test_an_unknown_job_is_a_404_in_localais_envelope(api: Any, job_id: str) -> None:
-    response = api.get(f"/backends/jobs/{job_id}")
+    job = UpgradeJob.objects.create(kind=JobKind.CHECK)  # ids here are UUIDs: its number names nothing
+
+    response = api.get(f"/backends/jobs/{job_id.format(pk=job.pk)}")
 
     assert response.status_code == 404
-    assert response.json()["error"]["code"] == 404
+    assert response.json() == {
+        "error": {"code": 404, "message": "could not find any status for ID", "type": ""}
+    }
 
 
 @pytest.mark.parametrize(

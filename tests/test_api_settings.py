@@ -23,7 +23,7 @@ def stored() -> dict[str, Any]:
 
 
 def test_the_settings_show_every_field(api: Any) -> None:
-    body = api.get("/api/settings/").json()
+    body = api.get("/api/v1/settings/").json()
 
     assert set(body) == {
         "auto_upgrade_backends",
@@ -41,7 +41,7 @@ def test_the_settings_show_every_field(api: Any) -> None:
 
 def test_patch_changes_only_the_fields_sent(api: Any) -> None:
     response = api.patch(
-        "/api/settings/",
+        "/api/v1/settings/",
         {
             "auto_upgrade_backends": True,
             "check_interval_minutes": 30,
@@ -60,10 +60,10 @@ def test_patch_changes_only_the_fields_sent(api: Any) -> None:
 
 
 def test_the_window_can_be_cleared_by_sending_both_ends_null(api: Any) -> None:
-    api.patch("/api/settings/", {"maintenance_window_start": "01:00", "maintenance_window_end": "02:00"})
+    api.patch("/api/v1/settings/", {"maintenance_window_start": "01:00", "maintenance_window_end": "02:00"})
 
     response = api.patch(
-        "/api/settings/", {"maintenance_window_start": None, "maintenance_window_end": None}, format="json"
+        "/api/v1/settings/", {"maintenance_window_start": None, "maintenance_window_end": None}, format="json"
     )
 
     assert response.status_code == 200
@@ -99,7 +99,7 @@ def test_bad_settings_are_a_400_naming_the_field_and_nothing_is_saved(
 ) -> None:
     before = stored()
 
-    response = api.patch("/api/settings/", body, format="json")
+    response = api.patch("/api/v1/settings/", body, format="json")
 
     assert response.status_code == 400
     assert field in response.json()
@@ -112,7 +112,7 @@ def test_bad_settings_are_a_400_naming_the_field_and_nothing_is_saved(
 def test_a_body_that_is_not_a_settings_object_is_a_400(api: Any, raw: str) -> None:
     before = stored()
 
-    response = api.generic("PATCH", "/api/settings/", raw, content_type="application/json")
+    response = api.generic("PATCH", "/api/v1/settings/", raw, content_type="application/json")
 
     assert response.status_code == 400
     assert stored() == before
@@ -121,7 +121,7 @@ def test_a_body_that_is_not_a_settings_object_is_a_400(api: Any, raw: str) -> No
 def test_last_check_at_cannot_be_written(api: Any) -> None:
     before = stored()
 
-    response = api.patch("/api/settings/", {"last_check_at": "2020-01-01T00:00:00Z"}, format="json")
+    response = api.patch("/api/v1/settings/", {"last_check_at": "2020-01-01T00:00:00Z"}, format="json")
 
     assert response.status_code == 400 and "Read-only field" in response.json()["last_check_at"][0]
     assert PortalSettings.load().last_check_at is None
@@ -129,14 +129,14 @@ def test_last_check_at_cannot_be_written(api: Any) -> None:
 
 
 def test_settings_are_not_replaced_or_deleted_wholesale(api: Any) -> None:
-    assert api.put("/api/settings/", {}, format="json").status_code == 405
-    assert api.delete("/api/settings/").status_code == 405
+    assert api.put("/api/v1/settings/", {}, format="json").status_code == 405
+    assert api.delete("/api/v1/settings/").status_code == 405
 
 
 @pytest.mark.parametrize("value", ["22:00Z", "22:00:00+02:00", "22:00-0500", "10pm", "24:00"])
 def test_a_window_time_with_an_offset_or_out_of_range_is_a_400(api: Any, value: str) -> None:
     response = api.patch(
-        "/api/settings/",
+        "/api/v1/settings/",
         {"maintenance_window_start": value, "maintenance_window_end": "23:00"},
         format="json",
     )

@@ -35,7 +35,7 @@ def test_the_upgrades_list_holds_every_flagged_backend_pinned_ones_included(api:
     install(flag_upgrade(make_backend(gallery, "flagged-pinned", pinned=True)))
     install(make_backend(gallery, "current"))
 
-    body = api.get("/api/upgrades/").json()
+    body = api.get("/api/v1/upgrades/").json()
 
     assert body["count"] == 2
     rows = {row["name"]: row for row in body["results"]}
@@ -44,8 +44,8 @@ def test_the_upgrades_list_holds_every_flagged_backend_pinned_ones_included(api:
 
 
 def test_a_check_is_queued_once_a_second_request_gets_409_with_it(api: Any) -> None:
-    first = api.post("/api/upgrades/check/")
-    second = api.post("/api/upgrades/check/")
+    first = api.post("/api/v1/upgrades/check/")
+    second = api.post("/api/v1/upgrades/check/")
 
     assert first.status_code == 202
     assert first.json()["kind"] == "check" and first.json()["status"] == "queued"
@@ -56,10 +56,10 @@ def test_a_check_is_queued_once_a_second_request_gets_409_with_it(api: Any) -> N
 
 
 def test_a_new_check_can_be_queued_once_the_last_one_finished(api: Any) -> None:
-    first = api.post("/api/upgrades/check/").json()
+    first = api.post("/api/v1/upgrades/check/").json()
     UpgradeJob.objects.filter(pk=first["id"]).update(status=JobStatus.SUCCEEDED)
 
-    again = api.post("/api/upgrades/check/")
+    again = api.post("/api/v1/upgrades/check/")
 
     assert again.status_code == 202 and again.json()["id"] != first["id"]
 
@@ -72,7 +72,7 @@ def test_apply_upgrades_every_flagged_backend_and_says_why_it_skipped_others(api
     busy = install(flag_upgrade(make_backend(gallery, "busy"))).backend
     running = UpgradeJob.objects.create(kind=JobKind.INSTALL, backend=busy, node=Node.local())
 
-    response = api.post("/api/upgrades/apply/", {}, format="json")
+    response = api.post("/api/v1/upgrades/apply/", {}, format="json")
 
     assert response.status_code == 202
     body = response.json()
@@ -90,7 +90,7 @@ def test_apply_upgrades_every_flagged_backend_and_says_why_it_skipped_others(api
 def test_apply_with_nothing_to_do_answers_200_and_queues_nothing(api: Any, gallery: Any) -> None:
     install(make_backend(gallery, "current"))
 
-    response = api.post("/api/upgrades/apply/", {}, format="json")
+    response = api.post("/api/v1/upgrades/apply/", {}, format="json")
 
     assert response.status_code == 200
     assert response.json() == {"jobs": [], "skipped": []}
@@ -100,7 +100,7 @@ def test_apply_with_nothing_to_do_answers_200_and_queues_nothing(api: Any, galle
 def test_apply_to_an_unknown_node_is_a_400(api: Any, gallery: Any) -> None:
     install(flag_upgrade(make_backend(gallery, "ready")))
 
-    response = api.post("/api/upgrades/apply/", {"node": "atlantis"}, format="json")
+    response = api.post("/api/v1/upgrades/apply/", {"node": "atlantis"}, format="json")
 
     assert response.status_code == 400 and "atlantis" in str(response.json()["node"])
     assert not UpgradeJob.objects.exists()

@@ -89,7 +89,7 @@ def test_each_state_is_decided_once_and_said_the_same_everywhere(
     assert status.state == state, title
     assert detail in status.detail
 
-    api = admin_client.get(f"/api/backends/{subject.name}/").json()["status"]
+    api = admin_client.get(f"/api/v1/backends/{subject.name}/").json()["status"]
     assert api == {"state": state, "label": BackendState(state).label, "detail": status.detail}
 
     if fields is not None:  # the command lists installed backends

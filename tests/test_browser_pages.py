@@ -168,7 +168,7 @@ def test_each_state_is_the_same_on_the_page_in_the_admin_and_in_the_api(
                 assert detail in row.locator(".reason").inner_text(), name
             assert "Up to date" not in row.inner_text() or state == BackendState.UP_TO_DATE, name
         # The API.
-        status = page.context.request.get(f"{live_server.url}/api/backends/{name}/").json()["status"]
+        status = page.context.request.get(f"{live_server.url}/api/v1/backends/{name}/").json()["status"]
         assert (status["state"], status["label"]) == (state, expected), name
         assert detail in status["detail"], name
         # The admin's list.

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from backends_app import detection, jobs, procedure, sources
-from backends_app.models import Backend, Gallery, InstalledVersion, JobKind, JobStatus, Node, OperationRefused
+from backends_app.models import Backend, Gallery, InstalledVersion, JobKind, JobStatus, Node
 from tests.conftest import run_op
 from tests.helpers.files import Symlink, backend_files, write_tree
 from tests.test_crash_recovery import crash
@@ -134,8 +134,12 @@ def test_a_directory_outside_the_source_roots_is_refused_unless_the_command_line
     assert "is not below a directory backends may come from" in job.error and str(tmp_path) in job.error
     assert not (backends_dir(settings) / "cpu-far").exists()
 
-    with pytest.raises(OperationRefused, match="not below a directory backends may come from"):
-        Backend.objects.external(str(outside), name="cpu-far-web")  # what a web request gets
+    # A web request is accepted, as LocalAI accepts it; the job refuses the path, on its node.
+    web = Backend.objects.external(str(outside), name="cpu-far-web")
+    job, _ = web.request(JobKind.INSTALL, queue=False)
+    job = jobs.run(job.pk)
+    assert job.status == JobStatus.FAILED and "not below a directory backends may come from" in job.error
+    assert not (backends_dir(settings) / "cpu-far-web").exists()
 
     trusted = Backend.objects.external(str(outside), from_command_line=True)
     assert trusted.name == "cpu-far"  # LocalAI's default: the directory's own name

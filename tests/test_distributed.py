@@ -174,7 +174,9 @@ def post(session: requests.Session, path: str, body: dict[str, Any] | None = Non
 
 def finished(session: requests.Session, job_id: int) -> dict[str, Any]:
     return wait_until(
-        lambda: (job := get(session, f"/api/jobs/{job_id}/"))["status"] not in ("queued", "running") and job,
+        lambda: (
+            (job := get(session, f"/api/v1/jobs/{job_id}/"))["status"] not in ("queued", "running") and job
+        ),
         f"job {job_id} to end",
     )
 
@@ -212,43 +214,43 @@ def test_a_fleet_upgrades_rolls_back_recovers_and_converges(
 
     # Installed on n1 and n2 only; an upgrade then reaches exactly those two.
     for node in ("n1", "n2"):
-        answer = post(web_a, "/api/backends/cpu-demo/install/", {"node": node})
+        answer = post(web_a, "/api/v1/backends/cpu-demo/install/", {"node": node})
         assert answer.status_code == 202, answer.text
         assert finished(web_b, answer.json()["id"])["status"] == "succeeded"
     published.push("v2")
-    answer = post(web_a, "/api/backends/cpu-demo/upgrade/")
+    answer = post(web_a, "/api/v1/backends/cpu-demo/upgrade/")
     assert answer.status_code == 202, answer.text
     parent = finished(web_b, answer.json()["id"])
     assert parent["status"] == "succeeded", parent
-    children = [get(web_b, f"/api/jobs/{child}/") for child in parent["children"]]
+    children = [get(web_b, f"/api/v1/jobs/{child}/") for child in parent["children"]]
     assert sorted(child["node"] for child in children) == ["n1", "n2"]
     assert (version_on(fleet, "n1"), version_on(fleet, "n2"), version_on(fleet, "n3")) == ("v2", "v2", None)
 
     # A node whose health check fails rolls back alone, and the parent job says so.
     (fleet.backends("n2") / ".fail-health").write_text("")
     published.push("v3")
-    parent = finished(web_b, post(web_a, "/api/backends/cpu-demo/upgrade/").json()["id"])
+    parent = finished(web_b, post(web_a, "/api/v1/backends/cpu-demo/upgrade/").json()["id"])
     assert parent["status"] == "partial"
     assert "n2: rolled back" in parent["message"] and "n1: succeeded" in parent["message"]
     assert (version_on(fleet, "n1"), version_on(fleet, "n2")) == ("v3", "v2")
 
     # Drift is shown, and converged in one click.
-    backend = get(web_b, "/api/backends/cpu-demo/")
+    backend = get(web_b, "/api/v1/backends/cpu-demo/")
     assert backend["drift"] is True
     assert {row["node"]: row["online"] for row in backend["installed"]} == {"n1": True, "n2": True}
     (fleet.backends("n2") / ".fail-health").unlink()
-    converge = post(web_a, "/api/backends/cpu-demo/converge/")
+    converge = post(web_a, "/api/v1/backends/cpu-demo/converge/")
     assert converge.status_code == 202, converge.text
     parent = finished(web_b, converge.json()["id"])
     assert parent["status"] == "succeeded", parent
-    assert [get(web_b, f"/api/jobs/{c}/")["node"] for c in parent["children"]] == ["n2"]
-    assert get(web_b, "/api/backends/cpu-demo/")["drift"] is False
+    assert [get(web_b, f"/api/v1/jobs/{c}/")["node"] for c in parent["children"]] == ["n2"]
+    assert get(web_b, "/api/v1/backends/cpu-demo/")["drift"] is False
 
     # A node killed mid-upgrade is consistent after it restarts.
     fleet.stop_worker("n2")
     fleet.start_worker("n2", "nvidia", PORTAL_CRASH_AT="after-swap")
     published.push("v4")
-    parent_id = post(web_a, "/api/backends/cpu-demo/upgrade/").json()["id"]
+    parent_id = post(web_a, "/api/v1/backends/cpu-demo/upgrade/").json()["id"]
     child_n2 = wait_until(
         lambda: UpgradeJob.objects.filter(
             parent_id=parent_id, node__name="n2", status=JobStatus.RUNNING
@@ -272,7 +274,7 @@ def test_a_fleet_upgrades_rolls_back_recovers_and_converges(
 
 def _answers(session: requests.Session) -> bool:
     try:
-        return session.get(session.base_url + "/api/backends/", timeout=30).status_code == 200  # type: ignore[attr-defined]
+        return session.get(session.base_url + "/api/v1/backends/", timeout=30).status_code == 200  # type: ignore[attr-defined]
     except requests.RequestException:
         return False
 

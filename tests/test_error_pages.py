@@ -59,5 +59,5 @@ def test_the_api_keeps_its_json_errors(admin_client: Any) -> None:
     response = admin_client.get("/api/nothing-here/")
     assert response.status_code == 404 and response["Content-Type"] == "application/json"
     assert "detail" in response.json()
-    anonymous = Client().get("/api/backends/")
+    anonymous = Client().get("/api/v1/backends/")
     assert anonymous.status_code in (401, 403) and anonymous["Content-Type"] == "application/json"

@@ -96,11 +96,11 @@ def test_the_fetch_uses_the_credentials_that_nothing_shows(
     out = capsys.readouterr()
     assert_no_secret(out.out + out.err + caplog.text)
     reader = client_for(make_user("reader"))
-    listed = reader.get("/api/galleries/")
+    listed = reader.get("/api/v1/galleries/")
     (shown,) = [row for row in listed.json()["results"] if row["name"] == "private"]
     assert listed.status_code == 200 and shown["has_credentials"] is True
     assert_no_secret(listed.content.decode())
-    assert_no_secret(reader.get("/api/galleries/private/").content.decode())
+    assert_no_secret(reader.get("/api/v1/galleries/private/").content.decode())
     assert_no_secret(admin_client.get("/admin/backends_app/gallery/").content.decode())
     assert_no_secret(admin_client.get(f"/admin/backends_app/gallery/{private.pk}/change/").content.decode())
 
@@ -113,7 +113,7 @@ def test_a_failed_sync_names_no_credential_in_its_error_or_the_log(
 
     with caplog.at_level(logging.DEBUG):
         result = source.sync()
-        answer = client_for(make_user("reader")).get("/api/galleries/broken/")
+        answer = client_for(make_user("reader")).get("/api/v1/galleries/broken/")
 
     assert not result.ok and "HTTP 500" in result.error
     assert private_server.seen == [("/broken", True, [TOKEN])]
@@ -125,7 +125,7 @@ def test_the_api_keeps_credentials_it_is_given_apart(settings: Any) -> None:
     curator = client_for(make_user("curator", perms=("backends_app.add_gallery",)))
     url = f"https://{USER}:{PASSWORD}@galleries.example/index.yaml?token={TOKEN}&ref=main"
 
-    created = curator.post("/api/galleries/", {"name": "private", "url": url}, format="json")
+    created = curator.post("/api/v1/galleries/", {"name": "private", "url": url}, format="json")
 
     assert created.status_code == 201, created.json()
     assert created.json()["url"] == "https://galleries.example/index.yaml?token=***&ref=***"

@@ -70,7 +70,7 @@ def test_a_name_two_galleries_offer_is_shown_as_gallery_at_name_and_replacing_is
     piper = row_of(page, "piper", "gallery")  # one gallery offers it: its plain name, nothing replaced
     assert ">piper</strong>" in piper and "replac" not in piper
     # The API takes the same names.
-    detail = admin_client.get("/api/backends/beta@whisper/")
+    detail = admin_client.get("/api/v1/backends/beta@whisper/")
     assert detail.status_code == 200 and detail.json()["gallery"] == "beta"
 
 

@@ -93,7 +93,7 @@ def test_the_portal_writes_and_reads_while_a_large_gallery_syncs(
             except OperationalError as exc:
                 failures.append(str(exc))
             slowest_ms = max(slowest_ms, (time.monotonic() - started) * 1000)
-            page = admin_client.get("/api/backends/", {"gallery": "big"})
+            page = admin_client.get("/api/v1/backends/", {"gallery": "big"})
             assert page.status_code == 200, page.content[:500]
             pages += 1
             if 0 < stored < total and rows(big) < total:

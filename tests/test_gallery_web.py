@@ -80,7 +80,7 @@ def test_a_file_outside_the_allowed_directories_is_refused_alike_whether_it_exis
     path = target if target.startswith("/") else str(roots.parent / target)
     (roots.parent / "outside" / "index.yaml").write_text(INDEX)
 
-    response = api.post("/api/galleries/", {"name": "probe", "url": f"file://{path}"}, format="json")
+    response = api.post("/api/v1/galleries/", {"name": "probe", "url": f"file://{path}"}, format="json")
 
     assert response.status_code == 400
     (message,) = response.json()["url"]
@@ -94,10 +94,10 @@ def test_a_file_under_the_allowed_directories_is_accepted_and_syncs(api: Any, ro
     (roots / "index.yaml").write_text(INDEX)
 
     response = api.post(
-        "/api/galleries/", {"name": "local", "url": (roots / "index.yaml").as_uri()}, format="json"
+        "/api/v1/galleries/", {"name": "local", "url": (roots / "index.yaml").as_uri()}, format="json"
     )
     assert response.status_code == 201, response.json()
-    synced = api.post("/api/galleries/local/sync/")
+    synced = api.post("/api/v1/galleries/local/sync/")
 
     assert synced.status_code == 200 and synced.json()["created"] == 1
     assert Gallery.objects.get(name="local").set_through_web
@@ -110,7 +110,7 @@ def test_a_symlink_leading_out_of_the_allowed_directories_is_refused(api: Any, r
     (roots / "dir").symlink_to(outside.parent)
 
     for url in [(roots / "link.yaml").as_uri(), (roots / "dir" / "index.yaml").as_uri()]:
-        response = api.post("/api/galleries/", {"name": "probe", "url": url}, format="json")
+        response = api.post("/api/v1/galleries/", {"name": "probe", "url": url}, format="json")
         assert response.status_code == 400
         assert "must be under" in response.json()["url"][0]
 
@@ -123,7 +123,7 @@ def test_a_path_outside_is_refused_even_when_it_links_into_the_allowed_directori
     (roots.parent / "outside" / "in.yaml").symlink_to(roots / "index.yaml")
 
     response = api.post(
-        "/api/galleries/",
+        "/api/v1/galleries/",
         {"name": "probe", "url": (roots.parent / "outside" / "in.yaml").as_uri()},
         format="json",
     )
@@ -135,7 +135,7 @@ def test_a_file_swapped_for_a_symlink_after_it_was_set_is_not_read(api: Any, roo
     index = roots / "index.yaml"
     index.write_text(INDEX)
     assert (
-        api.post("/api/galleries/", {"name": "local", "url": index.as_uri()}, format="json").status_code
+        api.post("/api/v1/galleries/", {"name": "local", "url": index.as_uri()}, format="json").status_code
         == 201
     )
     outside = roots.parent / "outside" / "index.yaml"
@@ -143,7 +143,7 @@ def test_a_file_swapped_for_a_symlink_after_it_was_set_is_not_read(api: Any, roo
     index.unlink()
     index.symlink_to(outside)
 
-    response = api.post("/api/galleries/local/sync/")
+    response = api.post("/api/v1/galleries/local/sync/")
 
     assert response.status_code == 502
     assert not Backend.objects.filter(name="smuggled").exists()
@@ -154,7 +154,7 @@ def test_failures_of_a_web_set_file_gallery_say_nothing_about_the_file(
 ) -> None:
     index = roots / "index.yaml"
     assert (
-        api.post("/api/galleries/", {"name": "local", "url": index.as_uri()}, format="json").status_code
+        api.post("/api/v1/galleries/", {"name": "local", "url": index.as_uri()}, format="json").status_code
         == 201
     )
     cases = {
@@ -172,8 +172,8 @@ def test_failures_of_a_web_set_file_gallery_say_nothing_about_the_file(
         index.unlink(missing_ok=True)
         make()
         with caplog.at_level(logging.WARNING, logger="backends_app.models"):
-            body = api.post("/api/galleries/local/sync/").json()
-        errors[case] = (body["error"], api.get("/api/galleries/local/").json()["last_error"])
+            body = api.post("/api/v1/galleries/local/sync/").json()
+        errors[case] = (body["error"], api.get("/api/v1/galleries/local/").json()["last_error"])
 
     assert len(set(errors.values())) == 1, errors
     (shown, stored) = next(iter(errors.values()))
@@ -250,7 +250,7 @@ def test_a_gallery_editor_cannot_make_a_command_line_gallery_unconfined_by_editi
 )
 def test_the_api_refuses_a_gallery_on_this_machine_or_its_link(api: Any, host: str) -> None:
     response = api.post(
-        "/api/galleries/", {"name": "probe", "url": f"http://{host}:8080/index.yaml"}, format="json"
+        "/api/v1/galleries/", {"name": "probe", "url": f"http://{host}:8080/index.yaml"}, format="json"
     )
 
     assert response.status_code == 400

@@ -385,12 +385,12 @@ def settings_user(db: Any) -> Any:
 def test_send_test_reports_success_and_failure_per_url_in_the_api(
     receiver: Receiver, closed_port: int, settings_user: Any
 ) -> None:
-    none_yet = client_for(settings_user).post("/api/notification-targets/test/", {}, format="json")
+    none_yet = client_for(settings_user).post("/api/v1/notification-targets/test/", {}, format="json")
     assert none_yet.status_code == 409 and "No notification URL is enabled" in none_yet.json()["detail"]
     good = target(receiver.url(), "ops")
     bad = target(f"json://127.0.0.1:{closed_port}/hooks", "dead")
 
-    response = client_for(settings_user).post("/api/notification-targets/test/", {}, format="json")
+    response = client_for(settings_user).post("/api/v1/notification-targets/test/", {}, format="json")
 
     assert response.status_code == 200
     results = {row["id"]: row for row in response.json()["results"]}
@@ -399,7 +399,7 @@ def test_send_test_reports_success_and_failure_per_url_in_the_api(
     assert "Connection error" in results[bad.pk]["detail"]
     assert titles(receiver.accepted()) == ["Backend Portal: test message"]
 
-    one = client_for(settings_user).post(f"/api/notification-targets/{good.pk}/test/", format="json")
+    one = client_for(settings_user).post(f"/api/v1/notification-targets/{good.pk}/test/", format="json")
     assert one.status_code == 200 and [r["ok"] for r in one.json()["results"]] == [True]
     assert len(receiver.accepted()) == 2
 
@@ -451,14 +451,14 @@ def test_urls_are_added_checked_and_never_shown_whole(
     secret_url = f"json://user:hunter2pass@127.0.0.1:{receiver.server.server_address[1]}/hooks/{SECRET}"
     api = client_for(settings_user)
 
-    made = api.post("/api/notification-targets/", {"url": secret_url, "label": "ops"}, format="json")
+    made = api.post("/api/v1/notification-targets/", {"url": secret_url, "label": "ops"}, format="json")
 
     assert made.status_code == 201, made.json()
     port = receiver.server.server_address[1]
     assert made.json()["masked_url"] == f"json://user:****@127.0.0.1:{port}/****"
     assert NotificationTarget.objects.get().url == secret_url
-    assert api.post("/api/notification-targets/", {"url": secret_url}, format="json").status_code == 400
-    bad = api.post("/api/notification-targets/", {"url": "nonsense://x"}, format="json")
+    assert api.post("/api/v1/notification-targets/", {"url": secret_url}, format="json").status_code == 400
+    bad = api.post("/api/v1/notification-targets/", {"url": "nonsense://x"}, format="json")
     assert bad.status_code == 400 and "url" in bad.json()
     assert NotificationTarget.objects.count() == 1
 
@@ -469,8 +469,8 @@ def test_urls_are_added_checked_and_never_shown_whole(
     client.force_login(settings_user)
     pk = NotificationTarget.objects.get().pk
     shown = [
-        api.get("/api/notification-targets/").content.decode(),
-        api.get(f"/api/notification-targets/{pk}/").content.decode(),
+        api.get("/api/v1/notification-targets/").content.decode(),
+        api.get(f"/api/v1/notification-targets/{pk}/").content.decode(),
         client.get("/settings/").content.decode(),
         client.get("/admin/backends_app/notificationtarget/").content.decode(),
         client.get(f"/admin/backends_app/notificationtarget/{pk}/change/").content.decode(),
@@ -501,12 +501,12 @@ def test_the_urls_need_the_settings_permission_even_to_read(client: Any) -> None
     operator = make_user("operator", staff=True, perms=("backends_app.operate_backend",))
     api = client_for(operator)
 
-    assert api.get("/api/notification-targets/").status_code == 403
+    assert api.get("/api/v1/notification-targets/").status_code == 403
     assert (
-        api.post("/api/notification-targets/", {"url": "json://127.0.0.1:9/x"}, format="json").status_code
+        api.post("/api/v1/notification-targets/", {"url": "json://127.0.0.1:9/x"}, format="json").status_code
         == 403
     )
-    assert api.post("/api/notification-targets/test/", {}, format="json").status_code == 403
+    assert api.post("/api/v1/notification-targets/test/", {}, format="json").status_code == 403
     client.force_login(operator)
     assert client.post("/settings/notifications/", {"url": "json://127.0.0.1:9/x"}).status_code == 403
     assert client.post("/settings/notifications/test/").status_code == 403

@@ -87,11 +87,11 @@ def test_a_rolled_back_pinned_backend_shows_held_and_pinned_with_the_reason_and_
     assert f"v2: rolled back by job {rollback.pk}" in text  # the reason is on the page, not in a tooltip
     assert "Up to date" not in text
     assert 'data-action="rollback"' not in row  # the only kept version (v2) is newer: no "rollback"
-    api = admin_client.get("/api/backends/cpu-demo/").json()["status"]
+    api = admin_client.get("/api/v1/backends/cpu-demo/").json()["status"]
     assert api["state"] == BackendState.HELD and api["detail"] == f"v2: rolled back by job {rollback.pk}"
 
     # Asked anyway, a rollback is refused: it would go forward.
-    refused = admin_client.post("/api/backends/cpu-demo/rollback/", {}, content_type="application/json")
+    refused = admin_client.post("/api/v1/backends/cpu-demo/rollback/", {}, content_type="application/json")
     assert refused.status_code == 409, refused.content
     assert "older than the live one" in refused.json()["detail"]
     assert live_version(settings, "cpu-demo") == "v1"
@@ -166,7 +166,7 @@ def test_a_backend_just_installed_is_up_to_date_not_unchecked(versioned: Any, ad
     assert backend.last_checked_at is not None and not backend.upgrade_available
     row = visible_text(row_of(admin_client.get("/").content.decode(), "cpu-demo"))
     assert "Up to date" in row and "not checked" not in row.lower()
-    assert admin_client.get("/api/backends/cpu-demo/").json()["status"]["state"] == BackendState.UP_TO_DATE
+    assert admin_client.get("/api/v1/backends/cpu-demo/").json()["status"]["state"] == BackendState.UP_TO_DATE
     # ...and the next check agrees: nothing to upgrade, one HEAD.
     report = check()
     assert [r.upgrade_available for r in report.results] == [False]
@@ -206,7 +206,7 @@ def test_a_tag_rebuilt_under_the_same_version_is_said_on_the_page_and_in_the_api
     report = check()
 
     assert [r.upgrade_available for r in report.results] == [False]  # same version: no upgrade
-    status = admin_client.get("/api/backends/cpu-demo/").json()["status"]
+    status = admin_client.get("/api/v1/backends/cpu-demo/").json()["status"]
     assert status["state"] == BackendState.UP_TO_DATE
     assert status["detail"].startswith("rebuilt in the registry: new digest sha256:")
     row = visible_text(row_of(admin_client.get("/").content.decode(), "cpu-demo"))

@@ -113,22 +113,22 @@ def test_the_rule_names_a_permission_for_each_action_and_superusers_hold_them_al
 
 # (method, path, body, what it needs, the status when allowed)
 API_WRITES = [
-    ("post", "/api/backends/target/install/", {}, OPERATE, 202),
-    ("post", "/api/backends/target/upgrade/", {}, OPERATE, 202),
-    ("post", "/api/backends/target/rollback/", {}, OPERATE, 202),
-    ("post", "/api/backends/target/uninstall/", {}, OPERATE, 202),
-    ("post", "/api/backends/target/converge/", None, OPERATE, 202),
-    ("post", "/api/backends/target/pin/", None, OPERATE, 200),
-    ("post", "/api/backends/target/unpin/", None, OPERATE, 200),
-    ("post", "/api/upgrades/check/", None, OPERATE, 202),
-    ("post", "/api/upgrades/apply/", {}, OPERATE, 202),
-    ("post", "/api/jobs/{job}/cancel/", None, OPERATE, 200),
+    ("post", "/api/v1/backends/target/install/", {}, OPERATE, 202),
+    ("post", "/api/v1/backends/target/upgrade/", {}, OPERATE, 202),
+    ("post", "/api/v1/backends/target/rollback/", {}, OPERATE, 202),
+    ("post", "/api/v1/backends/target/uninstall/", {}, OPERATE, 202),
+    ("post", "/api/v1/backends/target/converge/", None, OPERATE, 202),
+    ("post", "/api/v1/backends/target/pin/", None, OPERATE, 200),
+    ("post", "/api/v1/backends/target/unpin/", None, OPERATE, 200),
+    ("post", "/api/v1/upgrades/check/", None, OPERATE, 202),
+    ("post", "/api/v1/upgrades/apply/", {}, OPERATE, 202),
+    ("post", "/api/v1/jobs/{job}/cancel/", None, OPERATE, 200),
     ("post", "/backends/upgrades/check", None, OPERATE, 200),
     ("post", "/backends/upgrade/target", None, OPERATE, 200),
-    ("patch", "/api/settings/", {"versions_kept": 3}, CHANGE_SETTINGS, 200),
-    ("patch", "/api/settings/", {"health_check_command": "touch /tmp/owned"}, SUPERUSER, 200),
-    ("post", "/api/galleries/", {"name": "new", "url": "https://example.org/i.yaml"}, ADD_GALLERY, 201),
-    ("post", "/api/galleries/main/sync/", {}, CHANGE_GALLERY, 200),
+    ("patch", "/api/v1/settings/", {"versions_kept": 3}, CHANGE_SETTINGS, 200),
+    ("patch", "/api/v1/settings/", {"health_check_command": "touch /tmp/owned"}, SUPERUSER, 200),
+    ("post", "/api/v1/galleries/", {"name": "new", "url": "https://example.org/i.yaml"}, ADD_GALLERY, 201),
+    ("post", "/api/v1/galleries/main/sync/", {}, CHANGE_GALLERY, 200),
 ]
 
 
@@ -163,10 +163,10 @@ def test_a_settings_editor_changes_other_settings_but_not_the_health_check_comma
     PortalSettings.objects.update(health_check_command="./run.sh --health")
 
     same = client.patch(
-        "/api/settings/", {"health_check_command": "./run.sh --health", "versions_kept": 2}, format="json"
+        "/api/v1/settings/", {"health_check_command": "./run.sh --health", "versions_kept": 2}, format="json"
     )
     changed = client.patch(
-        "/api/settings/", {"health_check_command": "sh -c 'id'", "versions_kept": 4}, format="json"
+        "/api/v1/settings/", {"health_check_command": "sh -c 'id'", "versions_kept": 4}, format="json"
     )
 
     assert same.status_code == 200  # sending the stored value back changes nothing: allowed

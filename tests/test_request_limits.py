@@ -49,7 +49,7 @@ async def response(communicator: ApplicationCommunicator) -> tuple[int, bytes]:
 
 @pytest.mark.parametrize(
     ("path", "expected"),
-    [("/api/upgrades/apply/", "detail"), ("/backends/apply", "error")],
+    [("/api/v1/upgrades/apply/", "detail"), ("/backends/apply", "error")],
 )
 def test_an_announced_oversized_body_is_refused_before_it_is_read(path: str, expected: str) -> None:
     announced = settings.PORTAL_MAX_REQUEST_BYTES + 1
@@ -64,7 +64,7 @@ def test_an_announced_oversized_body_is_refused_before_it_is_read(path: str, exp
 
 
 def test_a_streamed_body_is_cut_at_the_limit_and_the_rest_is_never_read() -> None:
-    communicator = ApplicationCommunicator(application, scope("/api/upgrades/apply/", []))
+    communicator = ApplicationCommunicator(application, scope("/api/v1/upgrades/apply/", []))
     chunks = settings.PORTAL_MAX_REQUEST_BYTES // CHUNK + 5
 
     async def send_then_read() -> tuple[int, bytes]:

@@ -116,7 +116,9 @@ def sign_in(url: str, *, forwarded_https: bool) -> dict[str, str]:
 
 def api_root_scheme(url: str, token: str, headers: dict[str, str]) -> str:
     """The scheme of the links the API writes: what `request.is_secure()` decided."""
-    answer = requests.get(f"{url}/api/", headers={"Authorization": f"Token {token}", **headers}, timeout=60)
+    answer = requests.get(
+        f"{url}/api/v1/", headers={"Authorization": f"Token {token}", **headers}, timeout=60
+    )
     assert answer.status_code == 200, answer.text[:300]
     return answer.json()["backends"].split("://")[0]
 

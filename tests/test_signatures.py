@@ -734,24 +734,24 @@ def test_the_api_sets_and_clears_a_gallerys_verification_block() -> None:
     curator = client_for(make_user("curator", perms=("backends_app.change_gallery",)))
     reader = client_for(make_user("reader"))
 
-    refused = reader.patch("/api/galleries/main/", {"verification": POLICY}, format="json")
-    set_block = curator.patch("/api/galleries/main/", {"verification": POLICY}, format="json")
+    refused = reader.patch("/api/v1/galleries/main/", {"verification": POLICY}, format="json")
+    set_block = curator.patch("/api/v1/galleries/main/", {"verification": POLICY}, format="json")
 
     assert refused.status_code == 403
     assert set_block.status_code == 200, set_block.json()
     assert set_block.json()["signature_mode"] == "enforce"  # a block alone enforces, as in LocalAI
-    assert curator.get("/api/galleries/main/").json()["verification"] == POLICY
+    assert curator.get("/api/v1/galleries/main/").json()["verification"] == POLICY
     assert Gallery.objects.get(name="main").signature_policy().enforced
 
     incomplete = curator.patch(
-        "/api/galleries/main/", {"verification": {"issuer": GITHUB_ISSUER}}, format="json"
+        "/api/v1/galleries/main/", {"verification": {"issuer": GITHUB_ISSUER}}, format="json"
     )
     unknown = curator.patch(
-        "/api/galleries/main/", {"verification": {**POLICY, "subject": "x"}}, format="json"
+        "/api/v1/galleries/main/", {"verification": {**POLICY, "subject": "x"}}, format="json"
     )
-    warn = curator.patch("/api/galleries/main/", {"signature_mode": "warn"}, format="json")
-    cleared = curator.patch("/api/galleries/main/", {"verification": None}, format="json")
-    warn_without_block = curator.patch("/api/galleries/main/", {"signature_mode": "warn"}, format="json")
+    warn = curator.patch("/api/v1/galleries/main/", {"signature_mode": "warn"}, format="json")
+    cleared = curator.patch("/api/v1/galleries/main/", {"verification": None}, format="json")
+    warn_without_block = curator.patch("/api/v1/galleries/main/", {"signature_mode": "warn"}, format="json")
 
     assert incomplete.status_code == 400 and "identity" in json.dumps(incomplete.json())
     assert unknown.status_code == 400 and "unknown key" in json.dumps(unknown.json())
@@ -771,7 +771,7 @@ def test_the_api_shows_who_signed_each_installed_version() -> None:
         signature="verified", signer_identity=BUILD_IDENTITY, signer_issuer=GITHUB_ISSUER
     )
 
-    body = client_for(make_user("reader")).get("/api/backends/main@cpu-demo/").json()
+    body = client_for(make_user("reader")).get("/api/v1/backends/main@cpu-demo/").json()
 
     [installed] = body["installed"]
     assert installed["signature"] == "verified"

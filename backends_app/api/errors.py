@@ -1,8 +1,10 @@
 """API errors: the exceptions beyond DRF's own, and the handlers that keep every error answer JSON.
 
-Two shapes, chosen by the path: under /api/ the API's `{"detail": "..."}`; on LocalAI's routes (and any
-other path under /backends that is not one of the pages) LocalAI's `{"error": {"code", "message",
-"type"}}`. DRF's views answer their own errors in those shapes; the Django-level handlers here
+Two shapes, chosen by the path: the portal's own API (/api/v1/, the schema and its docs page) answers
+`{"detail": "..."}`; LocalAI's routes (any other path under /api/, and any path under /backends that
+is not one of the pages) answer LocalAI's `{"error": {"code", "message", "type"}}`, which is what
+LocalAI's web framework writes for an unknown path, a wrong method or a server error on any of its
+routes. DRF's views answer their own errors in those shapes; the Django-level handlers here
 (`handler400`, `handler403`, `handler404`, `handler500` in the URLconf) cover what happens outside a
 view: an unknown path, a body over `DATA_UPLOAD_MAX_MEMORY_SIZE`, an unhandled exception. The pages
 keep Django's HTML errors.
@@ -63,10 +65,18 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     return drf_exception_handler(exc, context)
 
 
+#: The portal's own API; every other path under /api/ is LocalAI's.
+API_PREFIXES = ("/api/v1/", "/api/schema/", "/api/docs/")
+#: The `type` values LocalAI's envelope carries (its auth middleware's); its handlers' errors have "".
+LOCALAI_TYPES = frozenset({"invalid_request_error", "authorization_error"})
+
+
 def error_shape(path: str) -> str | None:
     """`api`, `localai`, or None for the pages (HTML errors)."""
-    if path.startswith("/api/"):
+    if path.startswith(API_PREFIXES):
         return API
+    if path.startswith("/api/"):
+        return LOCALAI
     if path == "/backends" or path.startswith("/backends/"):
         try:
             match = resolve(path)
@@ -78,7 +88,8 @@ def error_shape(path: str) -> str | None:
 
 def error_body(shape: str, code: int, message: str, error_type: str) -> dict[str, Any]:
     if shape == LOCALAI:
-        return {"error": {"code": code, "message": message, "type": error_type}}
+        kind = error_type if error_type in LOCALAI_TYPES else ""
+        return {"error": {"code": code, "message": message, "type": kind}}
     return {"detail": message}
 
 
@@ -100,14 +111,14 @@ def permission_denied(request: HttpRequest, exception: Exception) -> HttpRespons
     shape = error_shape(request.path_info)
     if shape is None:
         return defaults.permission_denied(request, exception)
-    return json_error(shape, 403, "You do not have permission to do this.", "permission_denied")
+    return json_error(shape, 403, "You do not have permission to do this.", "authorization_error")
 
 
 def page_not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
     shape = error_shape(request.path_info)
     if shape is None:
         return defaults.page_not_found(request, exception)
-    message = "no such endpoint" + ("; the API's routes are listed at /api/" if shape == API else "")
+    message = "no such endpoint" + ("; the API's routes are listed at /api/v1/" if shape == API else "")
     return json_error(shape, 404, message, "not_found")
 
 

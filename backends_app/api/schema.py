@@ -10,7 +10,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from backends_app.api.errors import JSONErrorsMixin
 
 AUTH_ERRORS = {
-    "401": "Not signed in: send `Authorization: Token <key>` (or `Bearer <key>`), or use a session.",
+    "401": "Not signed in: send `Authorization: Bearer <key>` (or `Token <key>`), or use a session.",
     "403": "Signed in without the permission this needs (or, with a session, without the CSRF token).",
 }
 
@@ -38,10 +38,11 @@ def document_auth_errors(
 ) -> dict[str, Any]:
     """Add 401 and 403 to every operation that requires authentication (all but the schema itself).
 
-    The LocalAI routes answer them in LocalAI's error envelope, the others with `{"detail": ...}`.
+    LocalAI's routes (both families) answer them in LocalAI's error envelope, the portal's own API
+    (/api/v1/) with `{"detail": ...}`.
     """
     for route, path_item in result.get("paths", {}).items():
-        body = "LocalAIError" if not route.startswith("/api/") else "Error"
+        body = "Error" if route.startswith("/api/v1/") else "LocalAIError"
         for operation in path_item.values():
             if not isinstance(operation, dict) or "responses" not in operation:
                 continue

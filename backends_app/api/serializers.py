@@ -219,6 +219,7 @@ class UpgradeJobSerializer(serializers.ModelSerializer):
         model = UpgradeJob
         fields = [
             "id",
+            "uuid",
             "url",
             "kind",
             "status",

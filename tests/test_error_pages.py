@@ -56,7 +56,7 @@ def test_a_server_error_on_a_page_is_a_500_in_the_layout(admin_client: Any) -> N
 
 
 def test_the_api_keeps_its_json_errors(admin_client: Any) -> None:
-    response = admin_client.get("/api/nothing-here/")
+    response = admin_client.get("/api/v1/nothing-here/")
     assert response.status_code == 404 and response["Content-Type"] == "application/json"
     assert "detail" in response.json()
     anonymous = Client().get("/api/v1/backends/")

@@ -314,6 +314,11 @@ class PortalSettingsForm(forms.ModelForm):
             "maintenance_window_end": forms.TimeInput(attrs={"type": "time"}, format="%H:%M"),
         }
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for name in PortalSettings.environment_locks():  # the environment decides them: not editable
+            self.fields.pop(name, None)
+
 
 def next_check_at(portal_settings: PortalSettings) -> dt.datetime | None:
     """When the periodic check runs next: its django-q2 schedule, else the last check plus the interval."""
@@ -340,8 +345,10 @@ def settings_page(request: HttpRequest) -> HttpResponse:
     form = PortalSettingsForm(data, instance=PortalSettings.load())
     if request.method == "POST":
         if form.is_valid():
-            form.save()
+            saved = form.save()
             messages.success(request, "Settings saved.")
+            if saved.sharing_error:
+                messages.warning(request, f"They could not be shared with LocalAI: {saved.sharing_error}")
             return redirect("ui:settings")
         messages.error(request, "Nothing was saved: correct the fields marked below.")
     return render(
@@ -354,6 +361,8 @@ def settings_page(request: HttpRequest) -> HttpResponse:
             "check_job": UpgradeJob.objects.filter(kind=JobKind.CHECK, status__in=JobStatus.ACTIVE).first(),
             "can_operate": can_operate(request.user),
             "time_zone": settings.TIME_ZONE,
+            "locks": PortalSettings.environment_locks(),
+            "runtime_settings_path": PortalSettings.runtime_settings_path(),
             "nav": "settings",
         },
     )

@@ -26,6 +26,7 @@ from tests.helpers.api import flag_upgrade, install, make_backend, make_gallery,
 BUSINESS_RULES = {
     "POST /api/galleries/",
     "PATCH /api/settings/",
+    "POST /api/settings",
     "POST /api/upgrades/apply/",
     *(f"POST /api/backends/{{name}}/{verb}/" for verb in ("install", "upgrade", "rollback", "uninstall")),
 }
@@ -60,6 +61,7 @@ def test_the_schema_is_valid_openapi_and_covers_every_endpoint() -> None:
         "/backends/upgrades/check",
         "/backends/upgrade/{name}",
         "/backends/jobs/{job_id}",
+        "/api/settings",
     } <= paths
     upgrade = schema["paths"]["/api/backends/{name}/upgrade/"]["post"]["responses"]
     assert {"202", "400", "401", "403", "404", "409"} <= set(upgrade)

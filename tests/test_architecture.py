@@ -14,7 +14,12 @@ import pytest
 APP = Path(__file__).resolve().parents[1] / "backends_app"
 
 # Modules talking to one outside system: plain Python, no Django, no ORM, no models.
-OUTSIDE_SYSTEMS = ("backends_app.oci", "backends_app.gallery", "backends_app.disk")
+OUTSIDE_SYSTEMS = (
+    "backends_app.oci",
+    "backends_app.gallery",
+    "backends_app.disk",
+    "backends_app.runtime_settings",
+)
 # Entry points: what users and schedulers call. The models are below all of them.
 ENTRY_POINTS = (
     "backends_app.admin",

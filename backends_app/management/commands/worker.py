@@ -28,7 +28,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError, connection
 
 from backends_app import procedure, processes
-from backends_app.models import Node
+from backends_app.models import Node, PortalSettings
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,8 @@ class Command(BaseCommand):
 
         signal.signal(signal.SIGINT, request_stop)
         signal.signal(signal.SIGTERM, request_stop)
+        # LocalAI's runtime_settings.json: applied now, then watched from a thread of its own.
+        watcher = PortalSettings.watch_runtime_settings()
         # From here the main thread only waits; the heartbeat thread opens its own connection.
         connection.close()
         cluster = processes.start(
@@ -135,6 +137,8 @@ class Command(BaseCommand):
             stop.set()
             [code] = processes.stop([cluster], received[0], settings.PORTAL_SHUTDOWN_GRACE)
             heartbeat.join(timeout=1)
+            if watcher is not None:
+                watcher.stop()
         if not requested:
             raise CommandError(f"the django-q2 cluster exited with status {code}; stopping")
 

@@ -925,11 +925,12 @@ class PortalSettings(models.Model):
         """Apply runtime_settings.json now, then whenever it changes, from a thread of this process.
 
         The web and worker processes call it at start. The thread polls every
-        PORTAL_CONFIG_POLL_INTERVAL seconds and closes its database connection after each look.
-        Returns the running watcher, or None when the file is off or not watched.
+        PORTAL_CONFIG_POLL_INTERVAL seconds and closes its database connection after each look; an
+        interval of 0 reads the file now only. Returns the running watcher, or None when there is
+        none (the file is off, or not watched).
         """
         path = cls.runtime_settings_path()
-        if path is None or settings.PORTAL_CONFIG_POLL_INTERVAL <= 0:
+        if path is None:
             return None
 
         def apply(values: dict[str, Any]) -> None:
@@ -944,6 +945,8 @@ class PortalSettings(models.Model):
             path, settings.PORTAL_CONFIG_POLL_INTERVAL, apply, after_each=close_connection
         )
         watcher.check()
+        if settings.PORTAL_CONFIG_POLL_INTERVAL <= 0:
+            return None
         watcher.start()
         return watcher
 

@@ -175,8 +175,8 @@ def read(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as handle:
             data = handle.read(MAX_FILE_BYTES + 1)
-    except FileNotFoundError:
-        return {}
+    except (FileNotFoundError, NotADirectoryError):
+        return {}  # not there (a parent that is not a directory: not there either)
     except OSError as exc:
         raise Unreadable(f"cannot read {path}: {exc.strerror or exc}") from exc
     if len(data) > MAX_FILE_BYTES:

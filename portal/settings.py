@@ -305,7 +305,7 @@ PORTAL_SETTINGS_FROM_ENVIRONMENT: dict[str, tuple[str, str, bool]] = (
 # backends directory (`<dir>/backends` and `<dir>/configuration`, LocalAI's own defaults); "off":
 # the file is neither read nor written.
 PORTAL_CONFIG_DIR = env_str("PORTAL_CONFIG_DIR") or env_str("LOCALAI_CONFIG_DIR")
-# Seconds between two looks at runtime_settings.json by the web and worker processes; 0: not watched.
+# Seconds between two looks at runtime_settings.json by the web and worker processes; 0: read at start only.
 PORTAL_CONFIG_POLL_INTERVAL = env_int("PORTAL_CONFIG_POLL_INTERVAL", 2)
 PORTAL_INSECURE_REGISTRIES = env_list("PORTAL_INSECURE_REGISTRIES")
 PORTAL_REGISTRY_TIMEOUT = env_int("PORTAL_REGISTRY_TIMEOUT", 30)

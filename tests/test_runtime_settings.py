@@ -394,3 +394,19 @@ def test_without_the_lock_the_stored_value_counts(settings: Any) -> None:
         == {}
     )
     assert PortalSettings.load().auto_upgrade_enabled is True
+
+
+def test_manage_py_check_warns_of_a_file_it_cannot_read_or_write(settings: Any, tmp_path: Path) -> None:
+    from backends_app.system_checks import runtime_settings_problems
+
+    path = settings_file(settings)
+    path.parent.mkdir()
+    path.write_text("{not json")
+    assert [problem.id for problem in runtime_settings_problems()] == ["portal.W010"]
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    settings.PORTAL_CONFIG_DIR = str(blocker / "configuration")
+    assert [problem.id for problem in runtime_settings_problems()] == ["portal.W011"]
+    settings.PORTAL_CONFIG_DIR = "off"
+    assert runtime_settings_problems() == []

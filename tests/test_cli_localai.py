@@ -102,6 +102,18 @@ def test_list_installed_is_our_table_with_each_backends_status(demo: Demo) -> No
 
 
 @pytest.mark.django_db
+def test_list_leaves_out_disabled_galleries_and_shadowed_duplicates() -> None:
+    kept, off = make_gallery("kept"), make_gallery("off")
+    make_backend(kept, "one", version="", position=0)
+    make_backend(kept, "one", version="9", position=1, occurrence=1)  # the first entry of a name wins
+    make_backend(off, "two", version="")
+    off.enabled = False
+    off.save()
+
+    assert run("list")[0] == " - kept@one\n"
+
+
+@pytest.mark.django_db
 def test_list_of_an_empty_portal_prints_nothing_on_stdout() -> None:
     out, err = run("list")
 

@@ -157,7 +157,7 @@ class Command(BaseCommand):
         """
         entries = (
             Backend.objects.visible()
-            .filter(gone=False)
+            .filter(gone=False, gallery__enabled=True)
             .with_installations()
             .order_by("gallery__name", "position")
         )

@@ -281,6 +281,8 @@ class Command(BaseCommand):
             nodes=None if node is None else [node], requested_by=self.requested_by
         )
         unchecked = {result.backend_id: result for result in report.errors}
+        for problem in report.gallery_errors:  # its last good index was used
+            self.stderr.write(problem)
         for result in report.errors:
             self.stderr.write(f"{result.name}: check failed: {result.error}")
         upgradable = list(Backend.objects.upgradable(node).select_related("gallery").order_by("name"))

@@ -801,17 +801,18 @@ class PortalSettings(models.Model):
     def __str__(self) -> str:
         return "Portal settings"
 
-    def save(self, *args: Any, **kwargs: Any) -> None:
+    def save(self, *args: Any, share: bool = True, **kwargs: Any) -> None:
         """Save the one row, then share the fields LocalAI also has through runtime_settings.json.
 
-        The one place every change passes (admin, pages, API, the file watcher), so the file always
-        follows. A file that cannot be written does not undo the change: it is logged and kept in
-        `sharing_error` for the caller to show.
+        The one place every change passes (admin, pages, API), so the file always follows. `share`
+        False is for values that came from the file itself: writing them back could overwrite an
+        edit made since they were read. A file that cannot be written does not undo the change: it
+        is logged and kept in `sharing_error` for the caller to show.
         """
         self.pk = self.SINGLETON_PK
         super().save(*args, **kwargs)
         fields = kwargs.get("update_fields")
-        if fields is None or set(fields) & set(self.SHARED_WITH_LOCALAI):
+        if share and (fields is None or set(fields) & set(self.SHARED_WITH_LOCALAI)):
             self.sharing_error = self.share_with_localai()
 
     def clean(self) -> None:
@@ -916,8 +917,8 @@ class PortalSettings(models.Model):
         ]
         for name in changed:
             setattr(self, name, values[self.SHARED_WITH_LOCALAI[name]])
-        if changed:
-            self.save(update_fields=[*changed, "updated_at"])
+        if changed:  # not written back: the file may hold a newer edit already
+            self.save(update_fields=[*changed, "updated_at"], share=False)
         return changed
 
     @classmethod

@@ -410,3 +410,25 @@ def test_manage_py_check_warns_of_a_file_it_cannot_read_or_write(settings: Any, 
     assert [problem.id for problem in runtime_settings_problems()] == ["portal.W011"]
     settings.PORTAL_CONFIG_DIR = "off"
     assert runtime_settings_problems() == []
+
+
+@pytest.mark.django_db
+def test_an_edit_arriving_while_the_previous_one_is_applied_is_not_written_over(localai_file: Path) -> None:
+    from django.db.models.signals import post_save
+
+    watcher = runtime_settings.Watcher(localai_file, 60, PortalSettings.load().apply_runtime_settings)
+    turned_on = written_by_localai_with(**{'"auto_upgrade_backends": false': '"auto_upgrade_backends": true'})
+    localai_file.write_text(turned_on)
+
+    def edit_meanwhile(**kwargs: Any) -> None:  # LocalAI (or an editor) turns it off again just then
+        localai_file.write_text(LOCALAI_WRITTEN)
+
+    post_save.connect(edit_meanwhile, sender=PortalSettings, dispatch_uid="edit-meanwhile")
+    try:
+        assert watcher.check() is True
+    finally:
+        post_save.disconnect(dispatch_uid="edit-meanwhile", sender=PortalSettings)
+
+    assert localai_file.read_text() == LOCALAI_WRITTEN  # the newer edit is kept
+    assert watcher.check() is True
+    assert PortalSettings.load().auto_upgrade_backends is False

@@ -186,5 +186,5 @@ class LocalAISettingsView(APIView):
         if changes:
             for name, value in changes.items():
                 setattr(row, name, value)
-            row.save(update_fields=[*changes, "updated_at"])
+            row.save(update_fields=[*changes, "updated_at"], share=False)  # the file has them already
         return Response(SAVED)

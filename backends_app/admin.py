@@ -1226,6 +1226,10 @@ class UpgradeJobAdmin(OperateMixin, ReadOnlyAdmin):
             self.message_user(request, "No selected job was queued or running.", messages.WARNING)
 
 
+def _on_off(value: Any) -> str:
+    return ("on" if value else "off") if isinstance(value, bool) else str(value)
+
+
 @admin.register(PortalSettings)
 class PortalSettingsAdmin(admin.ModelAdmin):
     readonly_fields = ("last_check_at", "updated_at")
@@ -1234,7 +1238,33 @@ class PortalSettingsAdmin(admin.ModelAdmin):
         fields = tuple(self.readonly_fields)
         if not permissions.can(request.user, permissions.SET_HEALTH_CHECK_COMMAND):
             fields = ("health_check_command", *fields)  # the workers run it on every node
+        locked = tuple(PortalSettings.environment_locks())
+        if locked:  # out of the form (a posted value is ignored), shown as the environment's
+            fields = (*locked, "set_by_environment", *fields)
         return fields
+
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> list[Any]:
+        locked = PortalSettings.environment_locks()
+        fields = [name for name in super().get_fields(request, obj) if name not in locked]
+        if locked:
+            fields.remove("set_by_environment")
+            fields.insert(0, "set_by_environment")
+        return fields
+
+    @admin.display(description="set by the environment")
+    def set_by_environment(self, row: PortalSettings) -> str:
+        return "; ".join(
+            f"{name.replace('_', ' ')}: {_on_off(lock.value)}, {lock}. "
+            f"The stored value ({_on_off(getattr(row, name))}) counts again once {lock.variable} is unset."
+            for name, lock in PortalSettings.environment_locks().items()
+        )
+
+    def save_model(self, request: HttpRequest, obj: PortalSettings, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        if obj.sharing_error:
+            self.message_user(
+                request, f"Saved, but not shared with LocalAI: {obj.sharing_error}", messages.WARNING
+            )
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return not PortalSettings.objects.exists() and self.has_change_permission(request)

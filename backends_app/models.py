@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,14 +20,14 @@ from typing import Any, ClassVar
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
-from django.db import IntegrityError, connections, models, transaction
+from django.db import IntegrityError, connection, connections, models, transaction
 from django.db.models import Count, Prefetch, Q, Value
 from django.db.models.functions import Concat
 from django.dispatch import Signal
 from django.utils import timezone
 
 from backends_app import gallery as gallery_index
-from backends_app import notify, sources, versions
+from backends_app import notify, runtime_settings, sources, versions
 from backends_app.disk import layout
 from backends_app.oci import signatures
 
@@ -1315,10 +1315,35 @@ class InstalledVersion(models.Model):
         return ""
 
 
+@dataclass(frozen=True)
+class EnvironmentLock:
+    """A setting the environment decides while it is set (LocalAI's precedence: the environment over
+    runtime_settings.json over defaults). The admin, the pages and the API show it and refuse to
+    change it; the stored value is kept, and counts again once the variable is unset."""
+
+    field: str
+    variable: str
+    text: str
+    value: Any
+
+    def __str__(self) -> str:
+        return f"set by the environment ({self.variable}={self.text})"
+
+
 class PortalSettings(models.Model):
-    """The operator's runtime settings: one row, edited in the admin, the settings page or the API."""
+    """The operator's runtime settings: one row, edited in the admin, the settings page or the API.
+
+    The fields LocalAI also has (`SHARED_WITH_LOCALAI`) are shared through LocalAI's
+    runtime_settings.json: read when a process starts and whenever the file changes
+    (`watch_runtime_settings`), written by `save()` whenever they change, whoever changed them.
+    """
 
     SINGLETON_PK = 1
+    #: Our field -> LocalAI's key in runtime_settings.json. LocalAI checks for upgrades every 6 hours
+    #: without a setting for it, so the check interval and the rest are the portal's alone.
+    SHARED_WITH_LOCALAI: ClassVar[dict[str, str]] = {"auto_upgrade_backends": "auto_upgrade_backends"}
+    #: Why the last `save()` could not write runtime_settings.json ("" when it could, or had nothing to do).
+    sharing_error = ""
 
     auto_upgrade_backends = models.BooleanField(
         default=False, help_text="Upgrade flagged backends automatically after each scheduled check."
@@ -1363,9 +1388,19 @@ class PortalSettings(models.Model):
     def __str__(self) -> str:
         return "Portal settings"
 
-    def save(self, *args: Any, **kwargs: Any) -> None:
+    def save(self, *args: Any, share: bool = True, **kwargs: Any) -> None:
+        """Save the one row, then share the fields LocalAI also has through runtime_settings.json.
+
+        The one place every change passes (admin, pages, API), so the file always follows. `share`
+        False is for values that came from the file itself: writing them back could overwrite an
+        edit made since they were read. A file that cannot be written does not undo the change: it
+        is logged and kept in `sharing_error` for the caller to show.
+        """
         self.pk = self.SINGLETON_PK
         super().save(*args, **kwargs)
+        fields = kwargs.get("update_fields")
+        if share and (fields is None or set(fields) & set(self.SHARED_WITH_LOCALAI)):
+            self.sharing_error = self.share_with_localai()
 
     def clean(self) -> None:
         start, end = self.maintenance_window_start, self.maintenance_window_end
@@ -1376,10 +1411,8 @@ class PortalSettings(models.Model):
 
     @classmethod
     def load(cls) -> PortalSettings:
-        """The one settings row; its first value of auto-upgrade comes from the environment."""
-        row, _ = cls.objects.get_or_create(
-            pk=cls.SINGLETON_PK, defaults={"auto_upgrade_backends": settings.PORTAL_AUTO_UPGRADE_INITIAL}
-        )
+        """The one settings row (made with the defaults on first use)."""
+        row, _ = cls.objects.get_or_create(pk=cls.SINGLETON_PK)
         return row
 
     @classmethod
@@ -1389,6 +1422,129 @@ class PortalSettings(models.Model):
         cls.objects.filter(pk=cls.SINGLETON_PK).update(
             last_check_finished_at=finished_at, last_check_by=requested_by[:200]
         )
+
+    # -- the environment's say -------------------------------------------------------------------
+
+    @staticmethod
+    def environment_locks() -> dict[str, EnvironmentLock]:
+        """The fields the environment decides now (`PORTAL_SETTINGS_FROM_ENVIRONMENT`)."""
+        return {
+            name: EnvironmentLock(name, variable, text, value)
+            for name, (variable, text, value) in settings.PORTAL_SETTINGS_FROM_ENVIRONMENT.items()
+        }
+
+    def effective(self, name: str) -> Any:
+        """What the portal runs with: the environment's value while it locks the field, else the stored."""
+        lock = self.environment_locks().get(name)
+        return lock.value if lock else getattr(self, name)
+
+    @property
+    def auto_upgrade_enabled(self) -> bool:
+        """Whether the scheduled check upgrades what it flags (the environment may lock it on)."""
+        return bool(self.effective("auto_upgrade_backends"))
+
+    def without_locked(self, changes: Mapping[str, Any]) -> dict[str, Any]:
+        """`changes` less the fields the environment locks, when asked for the value it locks them at.
+
+        Raises ValidationError naming each locked field asked to take another value: a client that
+        sends back what it was shown is fine, one that asks for a change is told why not.
+        """
+        locks = self.environment_locks()
+        refused = {
+            name: f"{locks[name]}: unset {locks[name].variable} to change it here"
+            for name, value in changes.items()
+            if name in locks and value != locks[name].value
+        }
+        if refused:
+            raise ValidationError(refused)
+        return {name: value for name, value in changes.items() if name not in locks}
+
+    # -- LocalAI's runtime_settings.json ---------------------------------------------------------
+
+    @staticmethod
+    def runtime_settings_path() -> Path | None:
+        """LocalAI's runtime_settings.json the portal shares; None when PORTAL_CONFIG_DIR is "off".
+
+        By default in `configuration` beside the backends directory: where LocalAI keeps it when its
+        backends are `<dir>/backends` (LocalAI's defaults are `<cwd>/backends` and `<cwd>/configuration`).
+        """
+        configured = settings.PORTAL_CONFIG_DIR
+        if configured.lower() == "off":
+            return None
+        beside_backends = Path(settings.PORTAL_BACKENDS_PATH).parent / "configuration"
+        directory = Path(configured) if configured else beside_backends
+        return runtime_settings.path_in(directory.absolute())
+
+    def share_with_localai(self) -> str:
+        """Write the shared fields' stored values into runtime_settings.json, every other key kept.
+
+        Nothing is written when the file already says the same (a key LocalAI left out counts as
+        LocalAI's default), so saving other fields never creates or rewrites the file. Returns ""
+        or why the file could not be written (also logged).
+        """
+        path = self.runtime_settings_path()
+        if path is None:
+            return ""
+        try:
+            on_disk = runtime_settings.read(path)
+            changes = {
+                key: getattr(self, name)
+                for name, key in self.SHARED_WITH_LOCALAI.items()
+                if on_disk.get(key, runtime_settings.KEYS[key].default) != getattr(self, name)
+            }
+            if changes:
+                runtime_settings.update(path, changes)
+        except runtime_settings.RuntimeSettingsError as exc:
+            log.error("settings saved, but not shared with LocalAI: %s", exc)
+            return str(exc)
+        return ""
+
+    def apply_runtime_settings(self, values: Mapping[str, Any]) -> list[str]:
+        """Take the shared fields from runtime_settings.json's (typed) values; returns the fields changed.
+
+        The stored value follows the file even while the environment locks the field (as in
+        LocalAI, the environment overrides the file without changing it).
+        """
+        changed = [
+            name
+            for name, key in self.SHARED_WITH_LOCALAI.items()
+            if key in values and values[key] != getattr(self, name)
+        ]
+        for name in changed:
+            setattr(self, name, values[self.SHARED_WITH_LOCALAI[name]])
+        if changed:  # not written back: the file may hold a newer edit already
+            self.save(update_fields=[*changed, "updated_at"], share=False)
+        return changed
+
+    @classmethod
+    def watch_runtime_settings(cls) -> runtime_settings.Watcher | None:
+        """Apply runtime_settings.json now, then whenever it changes, from a thread of this process.
+
+        The web and worker processes call it at start. The thread polls every
+        PORTAL_CONFIG_POLL_INTERVAL seconds and closes its database connection after each look; an
+        interval of 0 reads the file now only. Returns the running watcher, or None when there is
+        none (the file is off, or not watched).
+        """
+        path = cls.runtime_settings_path()
+        if path is None:
+            return None
+
+        def apply(values: dict[str, Any]) -> None:
+            changed = cls.load().apply_runtime_settings(values)
+            if changed:
+                log.info("%s changed %s", path, ", ".join(changed))
+
+        def close_connection() -> None:  # the watcher thread's own (connections are per thread)
+            connection.close()
+
+        watcher = runtime_settings.Watcher(
+            path, settings.PORTAL_CONFIG_POLL_INTERVAL, apply, after_each=close_connection
+        )
+        watcher.check()
+        if settings.PORTAL_CONFIG_POLL_INTERVAL <= 0:
+            return None
+        watcher.start()
+        return watcher
 
     @property
     def check_interval(self) -> dt.timedelta:

@@ -191,7 +191,7 @@ def auto_upgrade(
     """Queue an upgrade for each backend and node the check flagged (never pinned or held, never
     one with an error), when auto-upgrade is on and inside the maintenance window. An operation
     already queued or running is not duplicated (`Backend.request_on_node` returns it)."""
-    result = AutoUpgradeResult(enabled=portal_settings.auto_upgrade_backends)
+    result = AutoUpgradeResult(enabled=portal_settings.auto_upgrade_enabled)
     if not result.enabled:
         return result
     candidates = [r for r in report.upgrades if not r.error]
@@ -298,7 +298,7 @@ def run_window_upgrade() -> str:
         if not locked:
             return "skipped: another process is running the scheduled check"
         portal_settings = PortalSettings.load()
-        if not portal_settings.auto_upgrade_backends:
+        if not portal_settings.auto_upgrade_enabled:
             return "skipped: auto-upgrade is off"
         if not portal_settings.in_maintenance_window():
             return "skipped: outside the maintenance window"

@@ -12,7 +12,7 @@ from typing import Any
 from django.conf import settings
 from django.core.checks import Error, Warning, register
 
-from backends_app import notify
+from backends_app import notify, runtime_settings
 from backends_app.disk import layout
 from backends_app.oci import signatures
 
@@ -142,6 +142,30 @@ def portal_settings_check(app_configs: Any = None, **kwargs: Any) -> list[Error 
         )
     if settings.REDIS_URL and not settings.REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
         problems.append(Error(f"REDIS_URL={settings.REDIS_URL!r} is not a redis:// URL", id="portal.E009"))
+    return problems + runtime_settings_problems()
+
+
+def runtime_settings_problems() -> list[Error | Warning]:
+    """LocalAI's runtime_settings.json, when shared: readable, and its directory writable."""
+    from backends_app.models import PortalSettings
+
+    path = PortalSettings.runtime_settings_path()
+    if path is None:
+        return []
+    problems: list[Error | Warning] = []
+    try:
+        runtime_settings.typed(runtime_settings.read(path))
+    except runtime_settings.RuntimeSettingsError as exc:
+        problems.append(Warning(f"{exc}: it is ignored, and not written over", id="portal.W010"))
+    anchor = _nearest_existing(path)
+    if not os.access(anchor, os.W_OK) or (anchor != path and not anchor.is_dir()):
+        problems.append(
+            Warning(
+                f"{path} cannot be written (checked {anchor}): settings changes will not reach LocalAI",
+                hint="Set PORTAL_CONFIG_DIR to LocalAI's configuration directory, or to off.",
+                id="portal.W011",
+            )
+        )
     return problems
 
 

@@ -675,6 +675,11 @@ class PortalSettingsForm(forms.ModelForm):
             "maintenance_window_end": forms.TimeInput(attrs={"type": "time"}, format="%H:%M"),
         }
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for name in PortalSettings.environment_locks():  # the environment decides them: not editable
+            self.fields.pop(name, None)
+
 
 def next_check_at(portal_settings: PortalSettings) -> dt.datetime | None:
     """When the periodic check runs next: its django-q2 schedule, else the last check plus the interval."""
@@ -702,8 +707,11 @@ def settings_page(request: HttpRequest) -> HttpResponse:
     if request.method == "POST":
         if form.is_valid():
             # Only the form's fields: a check finishing meanwhile records itself on the same row.
-            form.instance.save(update_fields=[*form.Meta.fields, "updated_at"])
+            saved = form.save(commit=False)
+            saved.save(update_fields=[*form.Meta.fields, "updated_at"])
             messages.success(request, "Settings saved.")
+            if getattr(saved, "sharing_error", ""):
+                messages.warning(request, f"They could not be shared with LocalAI: {saved.sharing_error}")
             return redirect("ui:settings")
         messages.error(request, "Nothing was saved: correct the fields marked below.")
     return render(
@@ -721,6 +729,8 @@ def settings_page(request: HttpRequest) -> HttpResponse:
             "galleries": Gallery.objects.order_by("name"),
             "trust_root": registry.trust_root_source(),
             "strict_signatures": settings.PORTAL_REQUIRE_SIGNATURES,
+            "locks": PortalSettings.environment_locks(),
+            "runtime_settings_path": PortalSettings.runtime_settings_path(),
             "nav": "settings",
         },
     )

@@ -16,6 +16,7 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 from django.conf import settings  # noqa: E402
 
 from backends_app import live  # noqa: E402
+from backends_app.models import PortalSettings  # noqa: E402
 from portal.body_limit import RequestBodyLimit  # noqa: E402
 
 application = ProtocolTypeRouter(
@@ -25,3 +26,6 @@ application = ProtocolTypeRouter(
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(live.websocket_urlpatterns))),
     }
 )
+
+# LocalAI's runtime_settings.json: read now, then watched while the server runs (docs/settings.md).
+PortalSettings.watch_runtime_settings()

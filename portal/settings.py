@@ -308,9 +308,39 @@ _ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm6
     platform.machine().lower(), platform.machine().lower()
 )
 PORTAL_PLATFORM = env_str("PORTAL_PLATFORM", f"{platform.system().lower()}/{_ARCH}")
-PORTAL_AUTO_UPGRADE_INITIAL = env_bool(
-    "PORTAL_AUTO_UPGRADE", env_bool("LOCALAI_AUTO_UPGRADE_BACKENDS", False)
+
+
+def env_setting_lock(*names: str) -> tuple[str, str, bool] | None:
+    """(variable, text, value) of the first of `names` set, read as LocalAI reads a flag: true, 1, yes
+    or false, 0, no in any case (plus on/off). A malformed value locks nothing; a system check says so."""
+    for name in names:
+        text = env_str(name)
+        if not text:
+            continue
+        value = {"true": True, "1": True, "yes": True, "on": True}.get(text.lower())
+        if value is None and text.lower() not in {"false", "0", "no", "off"}:
+            INVALID_SETTINGS.append(f"{name}={text!r} is not true, 1, yes, false, 0 or no")
+            return None
+        return name, text, bool(value)
+    return None
+
+
+# Settings the environment decides while it is set, as LocalAI's precedence has it (environment over
+# runtime_settings.json over defaults): {field: (variable, text, value)}. Our spelling first, then LocalAI's.
+# Only a true value locks: false is LocalAI's default, which LocalAI cannot tell from no value at all,
+# so there the stored setting (the file, the admin, the pages, the API) decides. See docs/settings.md.
+_AUTO_UPGRADE_ENV = env_setting_lock(
+    "PORTAL_AUTO_UPGRADE", "LOCALAI_AUTO_UPGRADE_BACKENDS", "AUTO_UPGRADE_BACKENDS"
 )
+PORTAL_SETTINGS_FROM_ENVIRONMENT: dict[str, tuple[str, str, bool]] = (
+    {"auto_upgrade_backends": _AUTO_UPGRADE_ENV} if _AUTO_UPGRADE_ENV and _AUTO_UPGRADE_ENV[2] else {}
+)
+# LocalAI's configuration directory, holding the runtime_settings.json both share. Unset: beside the
+# backends directory (`<dir>/backends` and `<dir>/configuration`, LocalAI's own defaults); "off":
+# the file is neither read nor written.
+PORTAL_CONFIG_DIR = env_str("PORTAL_CONFIG_DIR") or env_str("LOCALAI_CONFIG_DIR")
+# Seconds between two looks at runtime_settings.json by the web and worker processes; 0: read at start only.
+PORTAL_CONFIG_POLL_INTERVAL = env_int("PORTAL_CONFIG_POLL_INTERVAL", 2)
 PORTAL_INSECURE_REGISTRIES = env_list("PORTAL_INSECURE_REGISTRIES")
 PORTAL_REGISTRY_TIMEOUT = env_int("PORTAL_REGISTRY_TIMEOUT", 30)
 PORTAL_REGISTRY_RETRIES = env_int("PORTAL_REGISTRY_RETRIES", 3)

@@ -37,6 +37,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # The web application imported in this process (tests of its ASGI layer) does not watch the
+    # settings file (it reads it once, on import); the processes the tests start do.
+    settings.PORTAL_CONFIG_POLL_INTERVAL = 0
     if config.getoption("--db-pass") == "sqlite" and settings.DATABASES["default"]["ENGINE"].endswith(
         "postgresql"
     ):

@@ -35,6 +35,7 @@ def test_the_settings_show_every_field(api: Any) -> None:
         "health_check_timeout",
         "last_check_at",
         "updated_at",
+        "set_by_environment",
     }
     assert body["check_interval_minutes"] == 360 and body["versions_kept"] == 1
 

@@ -20,6 +20,7 @@ OUTSIDE_SYSTEMS = (
     "backends_app.disk",
     "backends_app.notify",
     "backends_app.sources",
+    "backends_app.runtime_settings",
 )
 # Entry points: what users and schedulers call. The models are below all of them.
 ENTRY_POINTS = (

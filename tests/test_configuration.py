@@ -72,12 +72,15 @@ def test_migrate_seeds_the_default_gallery_and_settings() -> None:
 
 
 @pytest.mark.django_db
-def test_auto_upgrade_starts_from_localais_environment_value(settings) -> None:
+def test_localais_environment_value_locks_auto_upgrade_on_while_it_is_set(settings) -> None:
     PortalSettings.objects.all().delete()
-    settings.PORTAL_AUTO_UPGRADE_INITIAL = True
-    assert PortalSettings.load().auto_upgrade_backends is True
-    settings.PORTAL_AUTO_UPGRADE_INITIAL = False
-    assert PortalSettings.load().auto_upgrade_backends is True  # the stored value wins afterwards
+    settings.PORTAL_SETTINGS_FROM_ENVIRONMENT = {
+        "auto_upgrade_backends": ("LOCALAI_AUTO_UPGRADE_BACKENDS", "true", True)
+    }
+    row = PortalSettings.load()
+    assert row.auto_upgrade_backends is False and row.auto_upgrade_enabled is True
+    settings.PORTAL_SETTINGS_FROM_ENVIRONMENT = {}
+    assert PortalSettings.load().auto_upgrade_enabled is False  # unset: the stored value counts again
 
 
 @pytest.mark.django_db

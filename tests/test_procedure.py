@@ -349,6 +349,7 @@ def test_commands_install_upgrade_and_report_failures_with_exit_status(
     job = UpgradeJob.objects.get(pk=outcome["job"])
     assert job.requested_by.startswith("cli:") and job.duration is not None
     call_command("backends", "pin", "cpu-demo")
+    published.push("v3")
     with pytest.raises(CommandError):
         call_command("backends", "upgrade", "cpu-demo")
     assert "pinned" in capsys.readouterr().err
@@ -495,4 +496,4 @@ def test_upgrade_all_checks_first_and_dry_run_changes_nothing(
     assert live_version(settings, "cpu-demo") == "v2"
     capsys.readouterr()
     call_command("backends", "upgrade", "--all", "--dry-run")
-    assert "nothing to upgrade" in capsys.readouterr().out
+    assert capsys.readouterr().out == "All backends are up to date.\n"

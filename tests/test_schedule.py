@@ -320,10 +320,17 @@ def test_without_auto_upgrade_the_check_only_reports(registry: RegistryServer, i
 
 
 @pytest.mark.django_db
-def test_the_environment_sets_auto_upgrade_once_then_the_stored_setting_wins(settings: Any) -> None:
-    settings.PORTAL_AUTO_UPGRADE_INITIAL = True
-    PortalSettings.objects.all().delete()
-    assert PortalSettings.load().auto_upgrade_backends is True  # first value from the environment
+def test_auto_upgrade_locked_on_by_the_environment_upgrades_whatever_is_stored(
+    registry: RegistryServer, index: GalleryIndex, settings: Any
+) -> None:
+    ref, _ = installed_backend(registry, index, "locked")
+    push(registry, ref, "locked build 2")
+    _auto_upgrade(on=False)
+    settings.PORTAL_SETTINGS_FROM_ENVIRONMENT = {
+        "auto_upgrade_backends": ("LOCALAI_AUTO_UPGRADE_BACKENDS", "true", True)
+    }
 
-    _auto_upgrade(on=False)  # an operator turns it off
-    assert PortalSettings.load().auto_upgrade_backends is False  # the env no longer matters
+    outcome = tasks.scheduled_check()
+
+    assert "1 upgrade(s) queued" in outcome, outcome
+    assert PortalSettings.load().auto_upgrade_backends is False  # the stored value is kept

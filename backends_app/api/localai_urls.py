@@ -11,7 +11,7 @@ from typing import Any
 
 from django.urls import URLPattern, re_path
 
-from backends_app.api import localai, localai_ui
+from backends_app.api import localai, localai_settings, localai_ui
 
 NAME = r"(?P<{}>[^/]+)"
 
@@ -37,6 +37,7 @@ urlpatterns = [
     *route("backends/upgrades/check", localai.LocalAICheckUpgradesView, "localai-check"),
     *route("backends/upgrade/" + NAME.format("name"), localai.LocalAIUpgradeBackendView, "localai-upgrade"),
     # The web UI's family (core/http/routes/ui_api.go).
+    *route("api/settings", localai_settings.LocalAISettingsView, "localai-settings"),
     *route("api/backends", localai_ui.CatalogView, "localai-ui-backends"),
     *route("api/backends/install-external", localai_ui.InstallExternalView, "localai-ui-install-external"),
     *route("api/backends/install/" + NAME.format("id"), localai_ui.InstallView, "localai-ui-install"),

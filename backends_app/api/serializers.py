@@ -399,6 +399,10 @@ class PortalSettingsSerializer(JsonBodySerializer, serializers.ModelSerializer):
         help_text="Automatic upgrades only start inside the window (server time). Set both ends or neither."
     )
     maintenance_window_end = ServerTime(help_text="End of the maintenance window (server time).")
+    set_by_environment = serializers.SerializerMethodField(
+        help_text="The fields the environment decides while it is set (e.g. LOCALAI_AUTO_UPGRADE_BACKENDS), "
+        "each with why; they show the environment's value, and a change to them is a 400."
+    )
 
     class Meta:
         model = PortalSettings
@@ -412,10 +416,26 @@ class PortalSettingsSerializer(JsonBodySerializer, serializers.ModelSerializer):
             "health_check_timeout",
             "last_check_at",
             "updated_at",
+            "set_by_environment",
         ]
-        read_only_fields = ["last_check_at", "updated_at"]
+        read_only_fields = ["last_check_at", "updated_at", "set_by_environment"]
+
+    @extend_schema_field({"type": "object", "additionalProperties": {"type": "string"}})
+    def get_set_by_environment(self, row: PortalSettings) -> dict[str, str]:
+        return {name: str(lock) for name, lock in row.environment_locks().items()}
+
+    def to_representation(self, instance: PortalSettings) -> dict[str, Any]:
+        data = super().to_representation(instance)
+        for name in instance.environment_locks():  # what the portal runs with
+            data[name] = instance.effective(name)
+        return data
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if self.instance is not None:
+            try:
+                attrs = self.instance.without_locked(attrs)
+            except DjangoValidationError as exc:
+                raise serializers.ValidationError(exc.message_dict) from exc
         start = attrs.get(
             "maintenance_window_start", getattr(self.instance, "maintenance_window_start", None)
         )

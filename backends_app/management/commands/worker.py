@@ -35,7 +35,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError, connection
 
 from backends_app import metrics, procedure, processes
-from backends_app.models import Gallery, Node
+from backends_app.models import Gallery, Node, PortalSettings
 from backends_app.watcher import BackendsWatch
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,8 @@ class Command(BaseCommand):
 
         signal.signal(signal.SIGINT, request_stop)
         signal.signal(signal.SIGTERM, request_stop)
+        # LocalAI's runtime_settings.json: applied now, then watched from a thread of its own.
+        settings_watcher = PortalSettings.watch_runtime_settings()
         # From here the main thread only waits; the heartbeat thread opens its own connection.
         connection.close()
         cluster = processes.start(
@@ -159,6 +161,8 @@ class Command(BaseCommand):
             heartbeat.join(timeout=1)
             if watcher.is_alive():
                 watcher.join(timeout=5)
+            if settings_watcher is not None:
+                settings_watcher.stop()
         if not requested:
             raise CommandError(f"the django-q2 cluster exited with status {code}; stopping")
 

@@ -33,6 +33,7 @@ from backends_app import registry as portal_registry
 from backends_app.metrics_store import MetricFiles
 from backends_app.models import (
     Backend,
+    BackendState,
     InstalledVersion,
     JobKind,
     JobStatus,
@@ -256,8 +257,10 @@ def test_a_failed_upgrade_in_another_process_adds_one_to_the_failed_upgrades(
     rows = InstalledVersion.objects.filter(node=node, state=InstalledVersion.State.CURRENT).count()
     assert rows == 1
     assert value(after, "portal_backends_installed", node="test-node") == rows
-    # An install knows what it pulled: up to date until a check finds the new tag.
-    assert value(after, "portal_backends_by_state", node="test-node", state="up_to_date") == 1
+    # The state is the one `Backend.status` decides (the command checked first: v2 is offered).
+    state = Backend.objects.with_installations().get(name="cpu-demo").status.state
+    assert state == BackendState.UPGRADE_AVAILABLE
+    assert value(after, "portal_backends_by_state", node="test-node", state=state) == 1
 
 
 @pytest.mark.django_db(transaction=True)

@@ -122,7 +122,7 @@ def test_a_change_in_the_admin_writes_the_file(admin_client: Any, localai_file: 
 def test_a_change_through_the_portals_api_writes_the_file(localai_file: Path) -> None:
     api = client_for(make_user("ops", perms=("backends_app.change_portalsettings",)))
 
-    assert api.patch("/api/settings/", {"auto_upgrade_backends": True}, format="json").status_code == 200
+    assert api.patch("/api/v1/settings/", {"auto_upgrade_backends": True}, format="json").status_code == 200
 
     assert localai_file.read_text() == written_by_localai_with(
         **{'"auto_upgrade_backends": false': '"auto_upgrade_backends": true'}
@@ -366,9 +366,9 @@ def test_the_api_shows_the_lock_and_refuses_a_change(settings: Any) -> None:
     settings.PORTAL_SETTINGS_FROM_ENVIRONMENT = LOCKED
     api = client_for(make_user("ops", perms=("backends_app.change_portalsettings",)))
 
-    shown = api.get("/api/settings/").json()
-    refused = api.patch("/api/settings/", {"auto_upgrade_backends": False}, format="json")
-    same = api.patch("/api/settings/", {"auto_upgrade_backends": True, "versions_kept": 2}, format="json")
+    shown = api.get("/api/v1/settings/").json()
+    refused = api.patch("/api/v1/settings/", {"auto_upgrade_backends": False}, format="json")
+    same = api.patch("/api/v1/settings/", {"auto_upgrade_backends": True, "versions_kept": 2}, format="json")
 
     assert shown["auto_upgrade_backends"] is True
     assert shown["set_by_environment"] == {
@@ -388,7 +388,7 @@ def test_without_the_lock_the_stored_value_counts(settings: Any) -> None:
     api = client_for(user)
 
     assert (
-        api.patch("/api/settings/", {"auto_upgrade_backends": True}, format="json").json()[
+        api.patch("/api/v1/settings/", {"auto_upgrade_backends": True}, format="json").json()[
             "set_by_environment"
         ]
         == {}

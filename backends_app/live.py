@@ -135,6 +135,8 @@ def snapshot(
         "source": job.source,
         "started_at": job.started_at.isoformat() if job.started_at else None,
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+        "started_at_display": format_moment(job.started_at),
+        "finished_at_display": format_moment(job.finished_at),
         "log_count": job.log_count,
         "log": [log_entry(entry) for entry in log or ()],
         "fan_out": is_fan_out(job),

@@ -432,6 +432,12 @@ def test_upgrade_from_the_backends_page_with_live_progress(
         assert page.evaluate("window.sameDocument") is True and navigations == []
         job.refresh_from_db()
         assert job.status == JobStatus.SUCCEEDED, job.error
+        # The page was opened before the job started: its Started and Finished rows caught up.
+        assert job.started_at and job.finished_at
+        for cell, moment in (("#job-started", job.started_at), ("#job-finished", job.finished_at)):
+            shown = page.get_attribute(f"{cell} time", "datetime")
+            assert shown is not None, page.inner_text(cell)
+            assert dt.datetime.fromisoformat(shown) == moment, (cell, shown, moment)
         assert live_version(settings, "cpu-demo") == "v2"
         updates = page.evaluate("window.jobLive.updates.length")
         assert updates >= 5, f"{updates} websocket messages for a ~3 s download"

@@ -129,6 +129,19 @@
       return `${state.finished_at ? "took" : "running for"} ${duration((end - start) / 1000)}`;
     }
 
+    // The Started and Finished rows: the server's moment in the portal's format, or a dash.
+    function showMoment(id, iso, display) {
+      const cell = $(id);
+      if (!iso) {
+        cell.textContent = "\u2013";
+        return;
+      }
+      const when = document.createElement("time");
+      when.dateTime = iso;
+      when.textContent = display;
+      cell.replaceChildren(when);
+    }
+
     function render(state) {
       const previous = live.state;
       updateSpeed(previous, state);
@@ -149,6 +162,8 @@
       $("job-message").hidden = !state.active; // the outcome below says it once the job is over
       if (state.to_version) $("job-to").textContent = state.to_version;
       if (state.source) $("job-source").textContent = state.source;
+      showMoment("job-started", state.started_at, state.started_at_display);
+      showMoment("job-finished", state.finished_at, state.finished_at_display);
       addLogLines(state.log);
       updateChildren(state.children);
       const outcome = $("outcome");

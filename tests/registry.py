@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import ctypes
 import datetime
 import http.client
 import http.server
@@ -31,7 +30,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import threading
@@ -48,6 +46,7 @@ import pytest
 
 from backends_app.oci import RegistryClient, RegistryConfig
 from backends_app.oci.publish import FileSpec, publish_files, publish_per_platform
+from tests.helpers.processes import die_with_parent, free_port
 
 REGISTRY_BINARY = os.environ.get("PORTAL_REGISTRY_BINARY", "/usr/bin/docker-registry")
 STARTUP_DEADLINE = 60.0
@@ -87,21 +86,6 @@ auth:
     issuer: {issuer}
     rootcertbundle: {bundle}
 """
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the test process dies, even by SIGKILL."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: stop() still runs on a normal exit
 
 
 def require_registry_binary() -> None:
@@ -178,7 +162,7 @@ class RegistryServer:
                     [REGISTRY_BINARY, "serve", str(config)],
                     stdout=log,
                     stderr=subprocess.STDOUT,
-                    preexec_fn=_die_with_parent,
+                    preexec_fn=die_with_parent,
                 )
             try:
                 self._wait_ready()

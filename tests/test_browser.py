@@ -16,14 +16,12 @@ Redis). `PORTAL_LIVE_SAMPLES=N` takes N latency samples instead of 20.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime as dt
 import http.client
 import http.server
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,6 +48,7 @@ from backends_app.models import (
     UpgradeJob,
 )
 from tests.conftest import LOCALAI_INDEX, REPO, image, live_version, missing_service, run_op, subprocess_env
+from tests.helpers.processes import die_with_parent, free_port
 
 pytestmark = [pytest.mark.single_pass, pytest.mark.registry]
 
@@ -71,18 +70,6 @@ BIG_LAYER = 3 * 1024 * 1024
 LATENCY_BOUND = 0.5  # seconds, from the product's requirements
 SCREENSHOTS = REPO / "docs" / "screenshots"
 PASSWORD = "browser-test-password"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def die_with_parent() -> None:
-    """In the child: SIGTERM when the test process dies, so no server outlives a killed run."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 # --- a slow network, on demand --------------------------------------------------------------------

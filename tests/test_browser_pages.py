@@ -34,7 +34,7 @@ from backends_app.models import (
 )
 from tests import test_browser
 from tests.conftest import live_version
-from tests.registry import free_port
+from tests.helpers.processes import free_port
 from tests.test_admin_actions import install_row
 from tests.test_browser import PASSWORD, Portal, redis_url_or_skip, sign_in
 

@@ -12,11 +12,10 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,27 +27,12 @@ from rest_framework.authtoken.models import Token
 
 from backends_app.models import Backend, InstalledVersion, JobKind, JobStatus, Node, UpgradeJob
 from tests.conftest import REPO, missing_service, subprocess_env
+from tests.helpers.processes import free_port, wait_until
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.postgres, pytest.mark.single_pass]
 
 REDIS_URL = "redis://127.0.0.1:6379/7"
 DEADLINE = 90.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(condition: Callable[[], Any], what: str, deadline: float = DEADLINE) -> Any:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {deadline:.0f} s waiting for {what}")
 
 
 class Fleet:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ import pytest
 
 from backends_app import gallery
 from backends_app.gallery import GalleryEntry, GalleryError
+from tests.helpers.processes import free_port
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "localai-index.yaml"
 DUPLICATED_NAMES = [
@@ -440,12 +440,6 @@ def test_fetch_rate_limited_reports_retry_after(server: GalleryServer) -> None:
     with pytest.raises(GalleryError, match="HTTP 429") as caught:
         gallery.fetch(server.base + "/index.yaml")
     assert caught.value.retry_after == 120.0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_fetch_from_a_closed_port_fails_quickly() -> None:

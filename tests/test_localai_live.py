@@ -9,15 +9,12 @@ operation, and then seen empty once it ran: the moment LocalAI's UI refreshes it
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,32 +25,9 @@ from rest_framework.authtoken.models import Token
 
 from tests.conftest import REPO, subprocess_env
 from tests.helpers.api import make_user
+from tests.helpers.processes import die_with_parent, free_port, wait_until
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.single_pass, pytest.mark.registry]
-
-DEADLINE = 120.0  # seconds: a job on a loaded 2-core machine, the worker's start included
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def die_with_parent() -> None:
-    """In the child: SIGTERM when the test process dies, so no server outlives a killed run."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def wait_until(condition: Callable[[], Any], what: str, deadline: float = DEADLINE) -> Any:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {deadline:.0f} s waiting for {what}")
 
 
 class Portal:

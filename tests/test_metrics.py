@@ -11,10 +11,8 @@ import datetime as dt
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -42,9 +40,9 @@ from backends_app.models import (
 )
 from tests.conftest import REPO, subprocess_env
 from tests.helpers.api import install, make_backend, make_gallery, make_user
+from tests.helpers.processes import free_port, wait_until
 from tests.registry import Fault, FaultProxy, non_loopback_address
 
-DEADLINE = 90.0
 TOKEN = "s3cret-scrape-token"
 ALERTS = REPO / "docs" / "prometheus-alerts.yml"
 
@@ -52,16 +50,6 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-
-def wait_until(condition: Callable[[], Any], what: str, deadline: float = DEADLINE) -> Any:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {deadline:.0f} s waiting for {what}")
 
 
 def parse(text: str) -> Samples:
@@ -75,12 +63,6 @@ def parse(text: str) -> Samples:
 def value(samples: Samples, name: str, **labels: str) -> float:
     """A sample's value; 0 when absent (a labelled counter appears once it has counted)."""
     return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-def free_port(bind: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((bind, 0))
-        return int(sock.getsockname()[1])
 
 
 class Web:

@@ -518,7 +518,7 @@ def test_websocket_closes_for_a_job_that_does_not_exist(session: str) -> None:
 def test_a_channel_layer_failure_never_breaks_the_job(
     running_job: UpgradeJob, settings: Any, caplog: Any, django_capture_on_commit_callbacks: Any
 ) -> None:
-    from tests.registry import free_port
+    from tests.helpers.processes import free_port
 
     settings.CHANNEL_LAYERS = {
         "default": {

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command
 
 from tests.conftest import REPO
+from tests.helpers.processes import free_port
 
 
 @pytest.mark.django_db
@@ -31,12 +31,6 @@ def test_ensure_admin_creates_one_superuser_with_a_generated_password(capsys, mo
     call_command("ensure_admin")
     assert "exists" in capsys.readouterr().out
     assert get_user_model().objects.count() == 1
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def processes_with(marker: str) -> list[int]:

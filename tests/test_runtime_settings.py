@@ -199,7 +199,7 @@ def portal_process(settings: Any) -> Iterator[Any]:
     logs = Path(settings.PORTAL_BACKENDS_PATH).parent / "process.log"
 
     def start(kind: str, **env: str) -> subprocess.Popen[bytes]:
-        from tests.registry import free_port
+        from tests.helpers.processes import free_port
 
         command = (
             [sys.executable, "manage.py", "worker", "--workers", "1"]

@@ -12,7 +12,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,17 +26,12 @@ from django.contrib.auth.models import Permission
 from rest_framework.authtoken.models import Token
 
 from tests.conftest import REPO, subprocess_env
+from tests.helpers.processes import free_port
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.single_pass]
 
 PASSWORD = "a-long-enough-password"
 DEADLINE = 90.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture

@@ -415,9 +415,16 @@ def gallery_state() -> list[dict[str, Any]]:
             "synced_at": gallery.last_synced_at.isoformat() if gallery.last_synced_at else None,
             "error": gallery.last_error,
             "pending": gallery.sync_pending,
+            "generation": gallery.sync_generation,
         }
         for gallery in Gallery.objects.order_by("name")
     ]
+
+
+def gallery_listing_key(galleries: list[dict[str, Any]]) -> list[Any]:
+    """What changes when a sync has changed the galleries' list or its errors: the page reloads
+    itself when this differs from what it was rendered with (see static/portal/backends.js)."""
+    return [[g["name"], g["enabled"], g["generation"], g["error"]] for g in galleries]
 
 
 def page_summary(stored: PortalSettings, rows: list[InstalledRow]) -> dict[str, Any]:
@@ -487,7 +494,10 @@ def backends_page(request: HttpRequest) -> HttpResponse:
             "can_operate": can_operate(request.user),
             "can_sync": permissions.can(request.user, permissions.CHANGE_GALLERY),
             "next_url": request.get_full_path(),
-            "live_state": {"active": bool(summary["check_job"]) or any(r.job for r in rows)},
+            "live_state": {
+                "active": bool(summary["check_job"]) or any(r.job for r in rows),
+                "galleries": gallery_listing_key(galleries),
+            },
             "nav": "backends",
         },
     )
@@ -521,6 +531,7 @@ def backends_live(request: HttpRequest) -> JsonResponse:
             "rows": render_rows(request, rows, next_url),
             "jobs": jobs,
             "galleries": galleries,
+            "galleries_key": gallery_listing_key(galleries),
             "upgradable": summary["upgradable"],
             "check_job": summary["check_job"],
             "last_check": summary["last_check"],

@@ -15,16 +15,12 @@ Redis). `PORTAL_LIVE_SAMPLES=N` takes N latency samples instead of 20.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import http.client
 import http.server
 import os
 import random
-import signal
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -47,8 +43,8 @@ from backends_app.models import (
     PortalSettings,
     UpgradeJob,
 )
-from tests.conftest import LOCALAI_INDEX, REPO, image, live_version, missing_service, run_op, subprocess_env
-from tests.helpers.processes import die_with_parent, free_port
+from tests.conftest import LOCALAI_INDEX, REPO, image, live_version, missing_service, run_op
+from tests.helpers.portal import PortalProcesses
 
 pytestmark = [pytest.mark.single_pass, pytest.mark.registry]
 
@@ -146,82 +142,11 @@ class ThrottlingProxy:
 # --- the portal, as deployed ----------------------------------------------------------------------
 
 
-class Portal:
-    """daphne (the ASGI web server) and `manage.py worker`, sharing the test database and paths."""
+class Portal(PortalProcesses):
+    """The portal with the channel layer at ``redis_url`` (empty: the in-memory layer)."""
 
     def __init__(self, workdir: Path, redis_url: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = subprocess_env(
-            REDIS_URL=redis_url, PORTAL_DATA_DIR=str(workdir), PORTAL_LOG_LEVEL="WARNING"
-        )
-        self.logs = workdir / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.processes: list[subprocess.Popen[bytes]] = []
-
-    def start(self) -> Portal:
-        web = [
-            sys.executable,
-            "-m",
-            "daphne",
-            "-b",
-            "127.0.0.1",
-            "-p",
-            str(self.port),
-            "portal.asgi:application",
-        ]
-        worker = [sys.executable, "manage.py", "worker"]
-        for name, command in (("web", web), ("worker", worker)):
-            with open(self.logs / f"{name}.log", "wb") as log:
-                self.processes.append(
-                    subprocess.Popen(
-                        command,
-                        cwd=REPO,
-                        env=self.env,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,  # its own group: the worker's cluster goes with it
-                        preexec_fn=die_with_parent,
-                    )
-                )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            self._check_alive()
-            try:
-                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-                connection.request("GET", "/login/")
-                if connection.getresponse().status == 200:
-                    return self
-            except OSError:
-                time.sleep(0.1)
-        raise AssertionError(f"the web server did not answer within 120 s:\n{self.log_tail()}")
-
-    def _check_alive(self) -> None:
-        for process in self.processes:
-            if process.poll() is not None:
-                raise AssertionError(f"{process.args} exited with {process.returncode}:\n{self.log_tail()}")
-
-    def log_tail(self) -> str:
-        return "\n".join(
-            f"--- {path.name}\n{path.read_text(errors='replace')[-3000:]}"
-            for path in sorted(self.logs.glob("*.log"))
-        )
-
-    def stop(self) -> None:
-        # SIGTERM to each leader only: the worker forwards it to its cluster, which stops its own
-        # processes in order (a signal to the whole group would cut that short).
-        for process in self.processes:
-            if process.poll() is None:
-                process.terminate()
-        for process in self.processes:
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
-        for process in self.processes:  # anything left in their groups
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
+        super().__init__(workdir, REDIS_URL=redis_url)
 
 
 def redis_url_or_skip() -> str:

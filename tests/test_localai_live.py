@@ -8,121 +8,25 @@ operation, and then seen empty once it ran: the moment LocalAI's UI refreshes it
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
-from django.db import connection
 from rest_framework.authtoken.models import Token
 
-from tests.conftest import REPO, subprocess_env
 from tests.helpers.api import make_user
-from tests.helpers.processes import die_with_parent, free_port, wait_until
+from tests.helpers.portal import PortalProcesses
+from tests.helpers.processes import wait_until
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.single_pass, pytest.mark.registry]
 
 
-class Portal:
-    """daphne and `manage.py worker` in their own processes, on this test's database and paths."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = subprocess_env(REDIS_URL="", PORTAL_DATA_DIR=str(workdir), PORTAL_LOG_LEVEL="WARNING")
-        self.logs = workdir / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.processes: list[subprocess.Popen[bytes]] = []
-
-    def _spawn(self, name: str, command: list[str]) -> None:
-        with open(self.logs / f"{name}.log", "wb") as log:
-            self.processes.append(
-                subprocess.Popen(
-                    command,
-                    cwd=REPO,
-                    env=self.env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,  # its own group: the worker's cluster goes with it
-                    preexec_fn=die_with_parent,
-                )
-            )
-
-    def start_web(self) -> None:
-        web = [
-            sys.executable,
-            "-m",
-            "daphne",
-            "-b",
-            "127.0.0.1",
-            "-p",
-            str(self.port),
-            "portal.asgi:application",
-        ]
-        self._spawn("web", web)
-
-        def answers() -> bool:
-            self._check_alive()
-            try:
-                return requests.get(f"{self.url}/login/", timeout=5).status_code == 200
-            except requests.ConnectionError:
-                return False
-
-        wait_until(answers, "the web server to answer", 60)
-
-    def start_worker(self) -> None:
-        self._spawn("worker", [sys.executable, "manage.py", "worker"])
-
-    def _check_alive(self) -> None:
-        for process in self.processes:
-            if process.poll() is not None:
-                raise AssertionError(f"{process.args} exited with {process.returncode}:\n{self.log_tail()}")
-
-    def log_tail(self) -> str:
-        return "\n".join(
-            f"--- {path.name}\n{path.read_text(errors='replace')[-3000:]}"
-            for path in sorted(self.logs.glob("*.log"))
-        )
-
-    def stop(self) -> None:
-        # SIGTERM to each leader: the worker stops its own cluster in order.
-        for process in self.processes:
-            if process.poll() is None:
-                process.terminate()
-        for process in self.processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
-        for process in self.processes:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-        if (
-            connection.vendor == "postgresql"
-        ):  # the test database is dropped later: wait for their connections
-
-            def others() -> int:
-                with connection.cursor() as cursor:
-                    cursor.execute(
-                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                        "AND pid <> pg_backend_pid()"
-                    )
-                    return int(cursor.fetchone()[0])
-
-            wait_until(lambda: others() == 0, "the portal's database connections to close", 30)
-
-
 @pytest.fixture
-def portal(tmp_path: Path) -> Iterator[Portal]:
-    running = Portal(tmp_path / "portal")
+def portal(tmp_path: Path) -> Iterator[PortalProcesses]:
+    running = PortalProcesses(tmp_path / "portal", REDIS_URL="")
     try:
         running.start_web()
         yield running
@@ -165,7 +69,7 @@ class LocalAIClient:
 
 
 def test_a_localai_client_installs_upgrades_and_uninstalls_through_the_running_portal(
-    portal: Portal, published: Any, settings: Any
+    portal: PortalProcesses, published: Any, settings: Any
 ) -> None:
     backends = Path(settings.PORTAL_BACKENDS_PATH)
     key = Token.objects.create(user=make_user("localai", superuser=True)).key

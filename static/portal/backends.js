@@ -51,7 +51,11 @@
   const announcer = document.getElementById("announcer");
   const tbody = document.querySelector("#installed tbody");
   const initial = document.getElementById("backends-live-state");
-  let active = initial ? JSON.parse(initial.textContent).active : false;
+  const initialState = initial ? JSON.parse(initial.textContent) : {};
+  let active = Boolean(initialState.active);
+  // The galleries' list as the page was rendered; a sync that changes it (first sync of a fresh
+  // portal included, even one that started after the page loaded) reloads the page once it ends.
+  let listedKey = JSON.stringify(initialState.galleries || null);
   let syncingAtLoad = Boolean(document.getElementById("syncing"));
   const jobTexts = new Map(); // row key -> the job text last announced
 
@@ -145,11 +149,13 @@
       }
     }
   }
-  function updateGalleries(galleries) {
+  function updateGalleries(galleries, key) {
     const syncing = galleries.some((gallery) => gallery.enabled && gallery.pending);
-    if (syncingAtLoad && !syncing) {
+    const now = JSON.stringify(key);
+    if (!syncing && (syncingAtLoad || (initialState.galleries && now !== listedKey))) {
+      listedKey = now;
       syncingAtLoad = false;
-      // The sync is over: the list of galleries' backends is new; show it.
+      // A sync is over and the galleries' list or errors changed: show the new page.
       window.location.reload();
     }
   }
@@ -172,7 +178,7 @@
         updateRows(state.rows);
         updateGalleryRows(state.jobs);
         updateHead(state);
-        updateGalleries(state.galleries);
+        updateGalleries(state.galleries, state.galleries_key);
       }
     } catch (error) {
       // The server is restarting or the network dropped: try again at the slow pace.

@@ -112,8 +112,13 @@ def subprocess_env(**extra: str) -> dict[str, str]:
         )
     else:
         url = f"sqlite:///{db['NAME']}"
+    inherited = dict(os.environ)
+    if "PORTAL_DATA_DIR" in extra:
+        # Set by this process's settings from its own data folder: a child with its own folder
+        # keeps its metrics there, not in this process's (which it would empty when it starts).
+        inherited.pop("PROMETHEUS_MULTIPROC_DIR", None)
     return {
-        **os.environ,
+        **inherited,
         "DATABASE_URL": url,
         "PORTAL_BACKENDS_PATH": str(settings.PORTAL_BACKENDS_PATH),
         "PORTAL_STATE_PATH": str(settings.PORTAL_STATE_PATH),

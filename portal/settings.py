@@ -250,6 +250,7 @@ REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "rest_framework.authentication.TokenAuthentication",
         "backends_app.api.authentication.BearerTokenAuthentication",
+        "backends_app.api.authentication.ApiKeyHeaderAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["backends_app.api.permissions.PortalPermission"],

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
 
 from backends_app.api.localai import format_bytes
 from backends_app.models import JobKind, JobStatus, Node, UpgradeJob
@@ -231,3 +233,23 @@ def test_the_localai_routes_need_the_same_sign_in_and_permission(gallery: Any) -
     assert reader.post("/backends/upgrade/locked").status_code == 403
     assert reader.post("/backends/upgrades/check").status_code == 403
     assert not UpgradeJob.objects.exists()
+
+
+@pytest.mark.parametrize("header", ["HTTP_X_API_KEY", "HTTP_XI_API_KEY"])
+def test_a_token_in_localais_api_key_headers_signs_in_and_a_wrong_one_is_refused(
+    header: str, user: Any, gallery: Any
+) -> None:
+    install(make_backend(gallery, "cpu-whisper"))
+    token, _ = Token.objects.get_or_create(user=user)
+    client = APIClient()
+
+    client.credentials(**{header: token.key})
+    assert client.get("/backends/upgrades").status_code == 200
+    assert client.post("/backends/upgrade/cpu-whisper").status_code == 200  # a write, no CSRF token
+    assert UpgradeJob.objects.filter(kind="upgrade", backend__name="cpu-whisper").exists()
+    assert client.get("/api/v1/backends/").status_code == 200  # the portal's own API too
+
+    client.credentials(**{header: "not-" + token.key})
+    refused = client.get("/backends/upgrades")
+    assert refused.status_code == 401
+    assert refused.json()["error"]["message"] == "Invalid token."

@@ -1,8 +1,11 @@
-"""Token authentication in the header LocalAI clients send."""
+"""Token authentication in the headers LocalAI clients send."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from rest_framework.authentication import TokenAuthentication
+from rest_framework.request import Request
 
 
 class BearerTokenAuthentication(TokenAuthentication):
@@ -13,3 +16,24 @@ class BearerTokenAuthentication(TokenAuthentication):
     """
 
     keyword = "Bearer"
+
+
+class ApiKeyHeaderAuthentication(TokenAuthentication):
+    """DRF's tokens in `x-api-key` or `xi-api-key`, the other headers LocalAI reads an API key from
+    (core/http/auth/middleware.go). A wrong key is refused (401), as in `Authorization`.
+
+    LocalAI's legacy `token` cookie is not accepted: a cookie is sent by the browser on any site's
+    request, so it would need the CSRF check that the session already has.
+    """
+
+    HEADERS = ("HTTP_X_API_KEY", "HTTP_XI_API_KEY")
+
+    def authenticate(self, request: Request) -> tuple[Any, Any] | None:
+        for header in self.HEADERS:
+            key = request.META.get(header, "").strip()
+            if key:
+                return self.authenticate_credentials(key)
+        return None
+
+    def authenticate_header(self, request: Request) -> str:
+        return "Bearer"

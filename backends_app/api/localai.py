@@ -42,7 +42,7 @@ from rest_framework.reverse import reverse
 from rest_framework.views import APIView
 
 from backends_app import permissions
-from backends_app.api.authentication import BearerTokenAuthentication
+from backends_app.api.authentication import ApiKeyHeaderAuthentication, BearerTokenAuthentication
 from backends_app.api.errors import LOCALAI, AmbiguousName, PayloadTooLarge, error_body
 from backends_app.api.known_backends import KNOWN_BACKENDS
 from backends_app.api.serializers import JsonBodySerializer
@@ -119,13 +119,19 @@ class LocalAIView(APIView):
     `{"error": {"code", "message", "type"}}`.
 
     `Authorization: Bearer <portal token>` comes first, so a request without credentials gets
-    `WWW-Authenticate: Bearer` as from LocalAI. A session still works, with Django's CSRF check on
+    `WWW-Authenticate: Bearer` as from LocalAI; the token also works in `x-api-key` or `xi-api-key`,
+    as LocalAI's keys do. A session still works, with Django's CSRF check on
     writes (a POST without the token is a 403 in the envelope).
     """
 
     renderer_classes = [JSONRenderer]
     content_negotiation_class = AlwaysJSON
-    authentication_classes = [BearerTokenAuthentication, TokenAuthentication, SessionAuthentication]
+    authentication_classes = [
+        BearerTokenAuthentication,
+        ApiKeyHeaderAuthentication,
+        TokenAuthentication,
+        SessionAuthentication,
+    ]
     write_action = permissions.OPERATE
 
     def handle_exception(self, exc: Exception) -> Response:

@@ -93,7 +93,8 @@ def refusal(code: int, error: str) -> Response:
 
 class LocalAISettingsView(APIView):
     """LocalAI's settings route. Reading needs a signed-in user; a change needs the settings
-    permission (`backends_app.permissions.CHANGE_SETTINGS`). Tokens come as `Bearer <key>`."""
+    permission (`backends_app.permissions.CHANGE_SETTINGS`). Tokens come as `Bearer <key>` or in
+    `x-api-key`."""
 
     write_action = permissions.CHANGE_SETTINGS
     renderer_classes = [JSONRenderer]

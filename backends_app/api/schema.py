@@ -33,6 +33,25 @@ class BearerTokenScheme(OpenApiAuthenticationExtension):
         }
 
 
+class ApiKeyHeaderScheme(OpenApiAuthenticationExtension):
+    target_class = "backends_app.api.authentication.ApiKeyHeaderAuthentication"
+    name = ["apiKeyAuth", "xiApiKeyAuth"]
+
+    def get_security_requirement(self, auto_schema: Any) -> list[dict[str, list[Any]]]:
+        return [{"apiKeyAuth": []}, {"xiApiKeyAuth": []}]  # either header, not both
+
+    def get_security_definition(self, auto_schema: Any) -> list[dict[str, str]]:
+        return [
+            {
+                "type": "apiKey",
+                "in": "header",
+                "name": header,
+                "description": "A portal token, in the header LocalAI also reads an API key from.",
+            }
+            for header in ("x-api-key", "xi-api-key")
+        ]
+
+
 def document_auth_errors(
     result: dict[str, Any], generator: Any, request: Any, public: bool
 ) -> dict[str, Any]:

@@ -859,7 +859,8 @@ class Backend(models.Model):
     @staticmethod
     def chain_for(uri: str, mirrors: list[str] | None) -> list[str]:
         """The uri, the mirrors, then the uri's tag fallbacks (``latest-X`` -> ``master-X`` ->
-        ``master-X-development``, LocalAI's names configurable), without repeats."""
+        ``master-X-development``, LocalAI's names configurable), without repeats. With LocalAI's
+        prefer_development_backends on, the branch build (``master-X``) comes first, then the uri."""
         chain: list[str] = []
         fallbacks = sources.fallback_uris(
             uri,
@@ -867,7 +868,12 @@ class Backend(models.Model):
             settings.PORTAL_BACKEND_BRANCH_TAG,
             settings.PORTAL_BACKEND_DEV_SUFFIX,
         )
-        for ref in [uri, *(mirrors or []), *fallbacks]:
+        preferred = None
+        if PortalSettings.prefer_development_backends():
+            preferred = sources.development_uri(
+                uri, settings.PORTAL_BACKEND_RELEASE_TAG, settings.PORTAL_BACKEND_BRANCH_TAG
+            )
+        for ref in [preferred, uri, *(mirrors or []), *fallbacks]:
             if ref and ref not in chain:
                 chain.append(ref)
         return chain
@@ -1474,6 +1480,17 @@ class PortalSettings(models.Model):
         beside_backends = Path(settings.PORTAL_BACKENDS_PATH).parent / "configuration"
         directory = Path(configured) if configured else beside_backends
         return runtime_settings.path_in(directory.absolute())
+
+    @classmethod
+    def prefer_development_backends(cls) -> bool:
+        """LocalAI's prefer_development_backends: the environment's true value, else what
+        runtime_settings.json says (read again only when it changed), else false."""
+        if settings.PORTAL_PREFER_DEV_BACKENDS:
+            return True
+        path = cls.runtime_settings_path()
+        if path is None:
+            return False
+        return runtime_settings.current(path).get("prefer_development_backends") is True
 
     def share_with_localai(self) -> str:
         """Write the shared fields' stored values into runtime_settings.json, every other key kept.

@@ -192,6 +192,24 @@ def read(path: Path) -> dict[str, Any]:
     return value
 
 
+_current: dict[Path, tuple[tuple[int, int, int, int] | None, dict[str, Any]]] = {}
+
+
+def current(path: Path) -> dict[str, Any]:
+    """The file's typed values, read again only when the file changed on disk; {} when it is
+    missing or cannot be used (a problem the watcher and the system checks report)."""
+    signature = _signature(path)
+    cached = _current.get(path)
+    if cached is not None and cached[0] == signature:
+        return cached[1]
+    try:
+        values = typed(read(path))
+    except RuntimeSettingsError:
+        values = {}
+    _current[path] = (signature, values)
+    return values
+
+
 def typed(values: Mapping[str, Any]) -> dict[str, Any]:
     """The known keys of a settings object, checked as LocalAI's `json.Unmarshal` checks them.
 

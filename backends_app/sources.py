@@ -163,6 +163,27 @@ def fallback_uris(
     return valid
 
 
+def development_uri(uri: str, release_tag: str = "latest", branch_tag: str = "master") -> str | None:
+    """The branch build of a released image (``...:latest-cpu-x`` -> ``...:master-cpu-x``), which
+    LocalAI's PreferDevelopmentBackends installs first (core/gallery/backends.go developmentURI);
+    None when there is none (no release tag, a branch tag already, a digest, not an image). As in
+    :func:`fallback_uris`, only the tag is looked at."""
+    text = uri.strip()
+    if kind_of(text) != IMAGE or "@" in text:
+        return None
+    head, colon, tag = text.rpartition(":")
+    if not colon or "/" in tag or f"{branch_tag}-" in tag:
+        return None
+    branch = tag.replace(f"{release_tag}-", f"{branch_tag}-", 1)
+    if branch == tag:
+        return None
+    try:
+        parse_reference(f"{head}:{branch}")
+    except OCIError:
+        return None
+    return f"{head}:{branch}"
+
+
 def confine(path: str | os.PathLike[str], roots: Sequence[str | os.PathLike[str]], what: str) -> Path:
     """``path`` with symlinks followed, if it lies strictly below one of ``roots``; else SourceError.
 

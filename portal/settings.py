@@ -336,6 +336,13 @@ _AUTO_UPGRADE_ENV = env_setting_lock(
 PORTAL_SETTINGS_FROM_ENVIRONMENT: dict[str, tuple[str, str, bool]] = (
     {"auto_upgrade_backends": _AUTO_UPGRADE_ENV} if _AUTO_UPGRADE_ENV and _AUTO_UPGRADE_ENV[2] else {}
 )
+# LocalAI's PreferDevelopmentBackends: install a `latest-X` image from its branch tag (`master-X`)
+# first, the released one as its first fallback. A true value in the environment decides while set;
+# else runtime_settings.json's `prefer_development_backends` (false when absent). See docs/settings.md.
+_PREFER_DEV_ENV = env_setting_lock(
+    "PORTAL_PREFER_DEV_BACKENDS", "LOCALAI_PREFER_DEV_BACKENDS", "PREFER_DEV_BACKENDS"
+)
+PORTAL_PREFER_DEV_BACKENDS = bool(_PREFER_DEV_ENV and _PREFER_DEV_ENV[2])
 # LocalAI's configuration directory, holding the runtime_settings.json both share. Unset: beside the
 # backends directory (`<dir>/backends` and `<dir>/configuration`, LocalAI's own defaults); "off":
 # the file is neither read nor written.

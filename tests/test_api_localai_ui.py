@@ -140,6 +140,17 @@ def test_the_catalog_answers_localais_keys_in_go_map_order(api: Any, catalog: di
     assert body["installedBackends"] == 2
 
 
+def test_the_catalog_says_when_development_builds_are_preferred(
+    api: Any, catalog: dict[str, Backend]
+) -> None:
+    path = PortalSettings.runtime_settings_path()
+    assert path is not None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"prefer_development_backends": true}')  # as LocalAI's settings page writes it
+
+    assert catalog_page(api)["preferDevelopmentBackends"] is True
+
+
 def test_the_catalog_marks_concretes_of_a_meta_and_development_builds(
     api: Any, catalog: dict[str, Backend]
 ) -> None:

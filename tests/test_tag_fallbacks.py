@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from backends_app import detection, sources
-from backends_app.models import Backend, InstalledVersion, JobKind, JobStatus
+from backends_app.models import Backend, InstalledVersion, JobKind, JobStatus, PortalSettings
 from tests.conftest import image, run_op
 from tests.registry import FaultProxy, RegistryServer
 
@@ -89,3 +89,69 @@ def test_every_source_failing_names_each_one(registry: RegistryServer, gallery_f
     assert job.status == JobStatus.FAILED
     for tag in ("latest-cpu-none", "master-cpu-none", "master-cpu-none-development"):
         assert f"{registry.ref(repo, tag)}:" in job.error
+
+
+def test_the_development_build_follows_localai() -> None:
+    assert (
+        sources.development_uri("quay.io/go-skynet/local-ai-backends:latest-cpu-llama-cpp")
+        == "quay.io/go-skynet/local-ai-backends:master-cpu-llama-cpp"
+    )
+    assert sources.development_uri("quay.io/x:master-cpu-x") is None  # a branch build already
+    assert sources.development_uri("quay.io/x:v1.2") is None  # no release tag
+    assert sources.development_uri("quay.io/latest-x/y:v1") is None  # only the tag is looked at
+    assert sources.development_uri("quay.io/x@sha256:" + "a" * 64) is None
+    assert sources.development_uri("/srv/latest-cpu-x") is None
+    assert sources.development_uri("quay.io/x:stable-cpu", "stable", "edge") == "quay.io/x:edge-cpu"
+
+
+def test_prefer_development_backends_puts_the_branch_build_first_from_the_file_or_the_environment(
+    settings: Any,
+) -> None:
+    uri, mirror = "quay.io/x/b:latest-cpu-demo", "mirror.example/x/b:latest-cpu-demo"
+    released = ["quay.io/x/b:latest-cpu-demo", mirror, "quay.io/x/b:master-cpu-demo"]
+    released.append("quay.io/x/b:master-cpu-demo-development")
+    assert Backend.chain_for(uri, [mirror]) == released
+
+    path = PortalSettings.runtime_settings_path()
+    assert path is not None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"prefer_development_backends": true}')
+    preferred = Backend.chain_for(uri, [mirror])
+    # LocalAI's order: the branch build, then the released image as its first fallback.
+    assert preferred == [
+        "quay.io/x/b:master-cpu-demo",
+        uri,
+        mirror,
+        "quay.io/x/b:master-cpu-demo-development",
+    ]
+    assert Backend.chain_for("quay.io/x/b:v1", []) == ["quay.io/x/b:v1"]  # nothing to prefer
+
+    path.write_text('{"prefer_development_backends": false, "debug": true}')
+    assert Backend.chain_for(uri, [mirror]) == released
+    settings.PORTAL_PREFER_DEV_BACKENDS = True  # LOCALAI_PREFER_DEV_BACKENDS=true: the environment wins
+    assert Backend.chain_for(uri, [mirror]) == preferred
+
+
+def test_with_prefer_development_an_install_takes_the_branch_build_and_the_check_follows_it(
+    registry: RegistryServer, gallery_factory: Any, settings: Any
+) -> None:
+    repo = registry.unique_repo("prefer-dev")
+    registry.push_image(image("released"), repo=repo, tag="latest-cpu-demo")
+    registry.push_image(image("branch"), repo=repo, tag="master-cpu-demo")
+    gallery_factory([{"name": "cpu-demo", "uri": registry.ref(repo, "latest-cpu-demo")}])
+    settings.PORTAL_PREFER_DEV_BACKENDS = True
+
+    job = run_op(Backend.objects.lookup("cpu-demo"), JobKind.INSTALL)
+
+    assert job.status == JobStatus.SUCCEEDED, job.error
+    branch = registry.ref(repo, "master-cpu-demo")
+    assert job.source == branch
+    live = Path(settings.PORTAL_BACKENDS_PATH) / "cpu-demo"
+    assert (live / "lib/version.txt").read_text() == "branch"
+    assert json.loads((live / "metadata.json").read_text())["uri"] == branch
+    [row] = detection.find_upgrades(sync_galleries=False).rows
+    assert row["upgrade_available"] is False and row["error"] == "", row
+
+    registry.push_image(image("branch-2"), repo=repo, tag="master-cpu-demo")
+    [row] = detection.find_upgrades(sync_galleries=False).rows
+    assert row["upgrade_available"] is True, row

@@ -68,6 +68,7 @@ from backends_app.models import (
     JobStatus,
     Node,
     OperationRefused,
+    PortalSettings,
     UpgradeJob,
 )
 
@@ -582,7 +583,7 @@ class CatalogView(LocalAIUIView):
                     "currentPage": page,
                     "installedBackends": len(installed_backends(rows)),
                     "nextPage": min(page + 1, total_pages),
-                    "preferDevelopmentBackends": False,
+                    "preferDevelopmentBackends": PortalSettings.prefer_development_backends(),
                     "prevPage": max(1, page - 1),
                     "processingBackends": go_map({operation_key(job): str(job.uuid) for job in live}),
                     "repositories": [gallery_config(gallery) for gallery in galleries],

@@ -808,3 +808,20 @@ def test_a_wrong_method_on_a_ui_route_is_a_405_in_localais_envelope(api: Any, me
 
     assert response.status_code == 405
     assert response.json()["error"]["code"] == 405
+
+
+def test_backend_usecases_are_localais_table(api: Any) -> None:
+    """Ported from LocalAI's TestBackendUsecasesReportsTTSForLlamaCpp (ui_api_internal_test.go): the
+    TTS filter survives the projection for llama-cpp, which serves Qwen3-TTS."""
+    response = api.get("/api/backends/usecases")
+
+    assert response.status_code == 200 and response["Content-Type"] == "application/json"
+    table = response.json()
+    assert list(table) == sorted(table) and len(table) >= 50
+    assert {"tts", "chat"} <= set(table["llama-cpp"])
+    assert table["llama-cpp"] == sorted(table["llama-cpp"])
+    # Only the gallery's filter keys: llama-cpp's completion, edit, tokenize and score are not filters.
+    assert not {"completion", "edit", "tokenize", "score"} & set(table["llama-cpp"])
+    assert table["whisper"] == ["transcript", "vad"]
+    assert table["depth-anything"] is None  # no filter key at all: Go's nil slice
+    assert client_for(None).get("/api/backends/usecases").status_code == 401

@@ -19,7 +19,10 @@ asked for it, and it leaves the list when it ends.
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 from django.db.models import Prefetch, QuerySet
@@ -256,6 +259,40 @@ SUCCESS = inline_serializer(
     "LocalAISuccess", fields={"message": serializers.CharField(), "success": serializers.BooleanField()}
 )
 JOB_ID = OpenApiParameter("job_id", OpenApiTypes.STR, OpenApiParameter.PATH, description="The job's `jobID`.")
+
+
+USECASES_FILE = Path(__file__).with_name("localai_usecases.json")
+
+
+@functools.cache
+def backend_usecases() -> dict[str, list[str] | None]:
+    """LocalAI's table of the model use cases (as its gallery's filter keys) each backend can serve;
+    None where it names none, as Go marshals a nil slice. A copy of LocalAI's own (see the file)."""
+    data = json.loads(USECASES_FILE.read_text())
+    return dict(sorted(data["usecases"].items()))
+
+
+class UsecasesView(LocalAIUIView):
+    """LocalAI's `GET /api/backends/usecases`: its static table, which its model gallery reads to grey
+    out the use-case filters a selected backend cannot serve."""
+
+    @extend_schema(
+        tags=["localai-ui"],
+        summary="LocalAI UI: model use cases by backend",
+        description="LocalAI's static table (core/config/backend_capabilities.go at 82c191a): each "
+        "backend name to the sorted use-case filter keys it can serve (`chat`, `tts`, ...), `null` "
+        "for none. The same whatever is installed.",
+        responses={
+            200: OpenApiResponse(
+                {
+                    "type": "object",
+                    "additionalProperties": {"type": "array", "items": {"type": "string"}, "nullable": True},
+                }
+            )
+        },
+    )
+    def get(self, request: Request) -> Response:
+        return Response(backend_usecases())
 
 
 class OperationsView(LocalAIUIView):

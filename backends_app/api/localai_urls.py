@@ -49,6 +49,7 @@ urlpatterns = [
     ),
     *route("api/backends/job/" + NAME.format("uid"), localai_ui.JobView, "localai-ui-job"),
     *route("api/backends/upgrades", localai_ui.UpgradesView, "localai-ui-upgrades"),
+    *route("api/backends/usecases", localai_ui.UsecasesView, "localai-ui-usecases"),
     *route("api/backends/upgrades/check", localai_ui.CheckUpgradesView, "localai-ui-check"),
     *route("api/backends/upgrade/" + NAME.format("name"), localai_ui.UpgradeView, "localai-ui-upgrade"),
     *route("api/operations", localai_ui.OperationsView, "localai-ui-operations"),

@@ -6,8 +6,8 @@ PY := $(VENV)/bin/python
 PORT ?= 8000
 # The PostgreSQL the suite runs against (a test_ database is created and dropped on it).
 TEST_DATABASE_URL ?= postgres://root@127.0.0.1:5432/postgres
-# Debian packages the tests drive for real.
-TEST_APT_PACKAGES := docker-registry skopeo umoci chromium
+# Debian packages the tests drive for real (prometheus: its promtool checks the alert rules).
+TEST_APT_PACKAGES := docker-registry skopeo umoci chromium prometheus
 
 .PHONY: run test lint bench venv test-venv test-deps system-deps clean
 

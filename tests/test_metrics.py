@@ -19,15 +19,13 @@ from typing import Any
 
 import pytest
 import requests
-import yaml
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from backends_app import jobs, metrics
-from backends_app import registry as portal_registry
+from backends_app import metrics
 from backends_app.metrics_store import MetricFiles
 from backends_app.models import (
     Backend,
@@ -44,7 +42,6 @@ from tests.helpers.processes import free_port, wait_until
 from tests.registry import Fault, FaultProxy, non_loopback_address
 
 TOKEN = "s3cret-scrape-token"
-ALERTS = REPO / "docs" / "prometheus-alerts.yml"
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -564,52 +561,3 @@ def test_settings_page_and_admin_say_where_metrics_are_without_showing_the_token
     settings.PORTAL_METRICS_TOKEN = ""
     page = client.get("/settings/").content.decode()
     assert "other addresses are refused until <code>PORTAL_METRICS_TOKEN</code> is set" in page
-
-
-# --- the alert rules --------------------------------------------------------------------------
-
-
-@pytest.mark.django_db
-def test_every_alert_rule_is_complete_and_uses_only_metrics_that_are_served(
-    client: Any, published: Any
-) -> None:
-    # Make every kind of metric appear: a job, a check, registry requests, a gallery sync, drift.
-    local = Node.local()
-    local.heartbeat()
-    other = Node.objects.create(name="gpu-1", backends_path="/srv/gpu-1", queue="gpu-1")
-    install(published.backend, local, digest="sha256:" + "1" * 64)
-    install(published.backend, other, digest="sha256:" + "2" * 64)
-    job, _ = UpgradeJob.request_check("test", queue=False)
-    assert jobs.run(job.pk).status in (JobStatus.SUCCEEDED, JobStatus.PARTIAL)
-    published.gallery.sync(force=True)
-    with portal_registry.client_from_settings() as client_:
-        client_.head_digest(published.ref)
-    served = parse(client.get("/metrics").content.decode())
-    names: dict[str, set[str]] = {}
-    for name, labels in served:
-        names.setdefault(name, set()).update(key for key, _ in labels)
-
-    document = yaml.safe_load(ALERTS.read_text())
-    rules = [rule for group in document["groups"] for rule in group["rules"]]
-    assert {rule["alert"] for rule in rules} >= {
-        "PortalUpgradeFailing",
-        "PortalCheckStale",
-        "PortalNodeOffline",
-    }
-    for rule in rules:
-        assert set(rule) == {"alert", "expr", "for", "labels", "annotations"}, rule.get("alert")
-        assert re.fullmatch(r"\d+[smh]", rule["for"]), rule["alert"]
-        assert rule["labels"]["severity"] in {"critical", "warning", "info"}
-        assert rule["annotations"]["summary"] and rule["annotations"]["description"]
-        expr = rule["expr"]
-        assert expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}")
-        used = set(re.findall(r"\bportal_[a-z_]+", expr))
-        assert used, rule["alert"]
-        for metric in used:
-            assert metric in names, f"{rule['alert']}: {metric} is not served"
-        for metric, selector in re.findall(r"\b(portal_[a-z_]+)\{([^}]*)\}", expr):
-            for label in re.findall(r"([a-z_]+)\s*(?:=~|!~|!=|=)", selector):
-                assert label in names[metric], f"{rule['alert']}: {metric} has no label {label}"
-        for clause in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
-            for label in re.findall(r"[a-z_]+", clause):
-                assert label == "instance" or any(label in names[m] for m in used), (rule["alert"], label)

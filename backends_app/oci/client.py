@@ -1058,7 +1058,7 @@ def _fill_part(
 ) -> None:
     """Append a 206 body (which starts at the part's first missing byte) to the part's file."""
     with blobs.PartWriter(part) as out:
-        for chunk in _watched_body(response, watch, part.length - part.held):
+        for chunk in _watched_body(response, watch, part.length - part.held, hold=0):
             if should_stop():
                 raise blobs.Stopped()
             downloaded.add(len(chunk))
@@ -1083,7 +1083,7 @@ def _fill_in_order(
     position, index = 0, 0
     writer: blobs.PartWriter | None = None
     try:
-        for chunk in _watched_body(response, watch):
+        for chunk in _watched_body(response, watch, hold=0):
             if should_stop():
                 raise blobs.Stopped()
             downloaded.add(len(chunk))
@@ -1172,14 +1172,15 @@ _YIELD_SECONDS = 0.2
 
 
 def _watched_body(
-    response: requests.Response, watch: _TransferWatch, limit: int | None = None
+    response: requests.Response, watch: _TransferWatch, limit: int | None = None, hold: float = _YIELD_SECONDS
 ) -> Iterator[bytes]:
     """The response body, one socket read at a time, each checked against `watch`.
 
     ``iter_content`` would block until a whole chunk has arrived, however slowly; a read of what
     is there (``read1``) returns within the read timeout, so the limits are checked that often.
-    Reads are joined into chunks of up to ``COPY_CHUNK`` bytes for the consumer. Network errors
-    are urllib3's (the caller maps them). ``limit``: stop reading once that many bytes arrived.
+    Reads are joined into chunks of up to ``COPY_CHUNK`` bytes for the consumer, held at most
+    ``hold`` seconds (0: each read is passed on, as part files want: a kill loses nothing read).
+    Network errors are urllib3's (the caller maps them). ``limit``: stop reading once that many bytes arrived.
     """
     raw = response.raw
     pieces: list[bytes] = []
@@ -1200,7 +1201,7 @@ def _watched_body(
         pieces.append(data)
         pending += len(data)
         total += len(data)
-        if pending >= COPY_CHUNK or time.monotonic() - last_yield >= _YIELD_SECONDS:
+        if pending >= COPY_CHUNK or time.monotonic() - last_yield >= hold:
             yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
             pieces, pending, last_yield = [], 0, time.monotonic()
     if pieces:

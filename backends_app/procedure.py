@@ -67,6 +67,10 @@ class RolledBack(ProcedureError):
     """The new version failed its health check and the previous one was put back."""
 
 
+class NotEnoughSpace(ProcedureError):
+    """The free space check before a download refused it (what was downloaded before is kept)."""
+
+
 class SignatureRefused(ProcedureError):
     """The image's signature does not satisfy its gallery's enforced policy; nothing was touched."""
 
@@ -336,7 +340,10 @@ def install_concrete(op: Operation, backend: Backend) -> str:
 
 def _worth_resuming(exc: BaseException) -> bool:
     """Whether a failed install keeps its downloaded parts for a retry: only when the network
-    failed it. A cancel, a full disk, a bad or hostile image leave nothing to resume from."""
+    failed it, or the space check refused to go on (dropping them would only make it ask for
+    more). A cancel, a disk filling up, a bad or hostile image leave nothing to resume from."""
+    if isinstance(exc, NotEnoughSpace):
+        return True
     if isinstance(exc, oci.AllSourcesFailed):
         return all(isinstance(error, oci.RegistryUnavailable) for _, error in exc.errors)
     return isinstance(exc, oci.RegistryUnavailable)
@@ -382,12 +389,15 @@ def _fetch_image(
     held = sum(min(store.held(layer.digest), layer.size) for layer in resolved.layers)
     to_download = max(0, resolved.total_compressed_size - held)
     tree = int(resolved.total_compressed_size * UNPACK_RATIO)
-    fsops.ensure_free_space(
-        op.state.root,
-        to_download + tree,
-        SPACE_MARGIN,
-        parts=[("of layers to download", to_download), ("estimated unpacked tree", tree)],
-    )
+    try:
+        fsops.ensure_free_space(
+            op.state.root,
+            to_download + tree,
+            SPACE_MARGIN,
+            parts=[("of layers to download", to_download), ("estimated unpacked tree", tree)],
+        )
+    except LayoutError as exc:
+        raise NotEnoughSpace(str(exc)) from None
     op.checkpoint("resolved")
 
     op.phase(JobPhase.DOWNLOADING, f"downloading {resolved.source}")

@@ -5,7 +5,7 @@ store's directory named by the blob's digest and the part's byte range, ``sha256
 (``end`` exclusive). A part is complete when its file holds ``end - start`` bytes; resuming it is
 appending from its current size (``Range: bytes=<start+size>-<end-1>``). The files are the only
 state: a process killed at any moment leaves valid prefixes, and the next pull of a blob adopts the
-parts it finds when they tile the blob exactly (whatever part size made them), else starts afresh.
+part files it finds (whatever part size made them) and plans fresh parts for the ranges none covers.
 
 The scheduler (:class:`BlobPull`). ``connections`` threads fetch parts, always the first part not
 yet fetched of the earliest layers, among the first ``layers_at_once`` layers whose download is not
@@ -125,30 +125,31 @@ class BlobStore:
         return sorted(found)
 
     def parts_for(self, descriptor: Descriptor, part_size: int) -> list[Part]:
-        """The parts of ``descriptor``'s blob: the ones on disk if they tile it, else a fresh plan."""
+        """The parts of ``descriptor``'s blob: those on disk (whatever part size made them), and
+        fresh ones of ``part_size`` bytes for the ranges no file covers. A file that overlaps
+        another, lies past the blob's end or holds more than its range is dropped."""
         size = max(0, descriptor.size)
-        found = self._files_of(descriptor.digest)
-        position, adopted = 0, []
-        for start, end, path in found:
-            held = _size_of(path)
-            if start != position or end <= start or held > end - start:
-                break
-            adopted.append(Part(start, end, path, held))
-            position = end
-        else:
-            if found and position == size:
-                return adopted
-        for _, _, path in found:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
         stem = _stem(descriptor.digest)
         step = max(1, part_size)
-        bounds = list(range(0, size, step)) or [0]
-        parts = []
-        for start in bounds:
-            end = min(size, start + step)
-            parts.append(Part(start, end, self.root / f"{stem}.{start}-{end}"))
-        return parts
+        parts: list[Part] = []
+
+        def fresh(start: int, stop: int) -> None:
+            for begin in range(start, stop, step):
+                end = min(stop, begin + step)
+                parts.append(Part(begin, end, self.root / f"{stem}.{begin}-{end}"))
+
+        position = 0
+        for start, end, path in self._files_of(descriptor.digest):
+            held = _size_of(path)
+            if start < position or end > size or end <= start or held > end - start:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                continue
+            fresh(position, start)
+            parts.append(Part(start, end, path, held))
+            position = end
+        fresh(position, size)
+        return parts or [Part(0, 0, self.root / f"{stem}.0-0")]
 
     def held(self, digest: str) -> int:
         """Bytes of ``digest``'s blob on disk."""

@@ -24,11 +24,23 @@ Auth. The schemes, credentials and tokens are ``auth.py``'s; this module sends t
 Threads. A :class:`RegistryClient` may be shared by the threads of a pool: the host table, the
 token cache and the request counters are guarded by locks, and ``requests`` sessions are safe for
 concurrent requests that do not change session state (we never do; each call has its own
-response). The pool keeps up to :data:`POOL_SIZE` connections per host; more threads would wait.
+response). The pool keeps up to :data:`POOL_SIZE` connections per host; a pull with more
+``pull_connections`` opens the others without keeping them.
+
+Pulls. Layers download concurrently into part files (``blobs.py``): up to ``pull_layers`` layers
+at once over up to ``pull_connections`` connections, each blob cut into ranged parts of
+``pull_part_size`` bytes, the earliest layer's parts first. A layer is applied (inflated and safely
+unpacked by ``unpack.RootfsWriter``) only once its whole blob's size and digest are verified, in
+manifest order, while later layers still download. A part cut off mid-way resumes from its first
+missing byte; with ``blob_dir`` the part files outlive the call and a later pull of the same layers
+continues from them (after a SIGKILL too). Temporary disk: the compressed size of the image at most
+(each blob's files go once its layer is applied, unless ``blob_dir`` keeps them for a retry). A
+registry that ignores Range is remembered for the client's life and served one stream per blob.
 
 Request budget (see :attr:`RegistryClient.request_counts`): ``head_digest`` costs one HEAD once a
-token is cached; ``resolve`` a HEAD and a GET (plus a GET for an index); ``pull`` one GET per
-layer. A first contact with a bearer-token registry adds the 401 and one token GET.
+token is cached; ``resolve`` a HEAD and a GET (plus a GET for an index); ``pull`` one GET per part
+(one per layer for layers up to ``pull_part_size``). A first contact with a bearer-token registry
+adds the 401 and one token GET.
 """
 
 from __future__ import annotations

@@ -58,9 +58,17 @@ def held(blob_dir: Path, digest: str) -> int:
 
 
 def settled(proxy: NetProxy) -> None:
-    """Wait until every connection through `proxy` is closed: bytes it was still pushing towards a
-    killed process are counted by then (they never reached it, and are not downloaded twice)."""
-    wait_until(lambda: all(c.closed is not None for c in proxy.connections), "the connections to close")
+    """Wait until the bytes through `proxy` stop moving: bytes it was still pushing towards a killed
+    process are counted by then (they never reached it, and are not downloaded twice)."""
+    last = [-1, time.monotonic()]
+
+    def still() -> bool:
+        now = proxy.bytes_down
+        if now != last[0]:
+            last[:] = [now, time.monotonic()]
+        return time.monotonic() - last[1] >= 1.0
+
+    wait_until(still, "the link to fall silent", every=0.1)
 
 
 PULL_IN_CHILD = """

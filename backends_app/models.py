@@ -1640,6 +1640,11 @@ class UpgradeJob(models.Model):
     force = models.BooleanField(default=False)
     canary = models.BooleanField(default=False, help_text="Fan-out: one node first, the rest if it succeeds.")
     cancel_requested = models.BooleanField(default=False)
+    restarts = models.PositiveSmallIntegerField(
+        default=0,
+        editable=False,
+        help_text="Times the job was queued again after its worker was killed while it downloaded.",
+    )
     bytes_done = models.BigIntegerField(default=0)
     bytes_total = models.BigIntegerField(default=0)
     percent = models.FloatField(default=0)
@@ -1835,6 +1840,26 @@ class UpgradeJob(models.Model):
             self.new_log_entries = self.write_log([(JobMessage.Kind.STATUS, JobStatus.RUNNING.label)])
             job_changed.send(sender=UpgradeJob, job=self, fields=("status", "started_at", "log"))
         return bool(started)
+
+    RESUMED_MESSAGE = "resumed after the worker restarted"
+
+    def resume_after_restart(self, limit: int) -> bool:
+        """Queue again, as the same row, a job whose worker was killed while it downloaded.
+
+        At most `limit` times per job, and never one asked to cancel; False when it is not taken
+        back (the caller marks it interrupted). Its progress and log continue; the download resumes
+        from the part files the killed worker left (docs/on-disk-layout.md).
+        """
+        with transaction.atomic():
+            taken = UpgradeJob.objects.filter(
+                pk=self.pk, status__in=JobStatus.ACTIVE, cancel_requested=False, restarts__lt=limit
+            ).update(restarts=models.F("restarts") + 1)
+            if not taken:
+                return False
+            self.refresh_from_db(fields=["restarts"])
+            self._update(status=JobStatus.QUEUED, phase=JobPhase.QUEUED, message=self.RESUMED_MESSAGE)
+            self.enqueue()
+        return True
 
     def set_phase(self, phase: str, message: str = "") -> None:
         self._update(phase=phase, message=message or self.message)

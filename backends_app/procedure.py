@@ -67,6 +67,10 @@ class RolledBack(ProcedureError):
     """The new version failed its health check and the previous one was put back."""
 
 
+class NotEnoughSpace(ProcedureError):
+    """The free space check before a download refused it (what was downloaded before is kept)."""
+
+
 class SignatureRefused(ProcedureError):
     """The image's signature does not satisfy its gallery's enforced policy; nothing was touched."""
 
@@ -316,10 +320,15 @@ def install_concrete(op: Operation, backend: Backend) -> str:
             )
         fsops.sync_tree(staging)
         op.checkpoint("staged")
-    except BaseException:
+        # The staged tree holds every layer now: the downloads have served, and their space is
+        # given back before the swap (a job resumed after a crash from here downloads again).
+        _clear_blobs(op, name)
+    except BaseException as exc:
         # Nothing live was touched: drop what was staged, end the journal.
         fsops.remove_tree(staging)
         op.journal.clear(name)
+        if not _worth_resuming(exc):
+            _clear_blobs(op, name)
         raise
     _swap_in(op, backend, source=staging, source_is_kept=False)
     notes = [*fetched.notes, fetched.signature.summary()] if fetched.signature else fetched.notes
@@ -327,6 +336,25 @@ def install_concrete(op: Operation, backend: Backend) -> str:
     return (
         f"{name} {version or fetched.digest[:19]} installed from {sources.shown(fetched.source)}{shown_notes}"
     )
+
+
+def _worth_resuming(exc: BaseException) -> bool:
+    """Whether a failed install keeps its downloaded parts for a retry: only when the network
+    failed it, or the space check refused to go on (dropping them would only make it ask for
+    more). A cancel, a disk filling up, a bad or hostile image leave nothing to resume from."""
+    if isinstance(exc, NotEnoughSpace):
+        return True
+    if isinstance(exc, oci.AllSourcesFailed):
+        return all(isinstance(error, oci.RegistryUnavailable) for _, error in exc.errors)
+    return isinstance(exc, oci.RegistryUnavailable)
+
+
+def _clear_blobs(op: Operation, name: str) -> None:
+    """Empty backend `name`'s blob directory (installed, or cancelled: nothing left to resume)."""
+    try:
+        oci.BlobStore(op.state.blob_dir(name)).clear()
+    except OSError as exc:
+        log.warning("%s: could not empty its blob directory: %s", name, exc)
 
 
 def _fetch_image(
@@ -352,12 +380,28 @@ def _fetch_image(
     # before a byte of it is downloaded; again after the pull if a mirror served another one.
     policy = backend.gallery.signature_policy()
     signature = _check_signature(op, backend, policy, resolved.source, resolved.manifest_digest)
-    needed = int(resolved.total_compressed_size * (1 + UNPACK_RATIO))
-    fsops.ensure_free_space(op.state.root, needed, SPACE_MARGIN)
+    # The layers' part files (less what an interrupted pull left in the blob directory) and the
+    # tree they unpack to: both are on the state directory's filesystem until the swap.
+    blob_dir = op.state.blob_dir(backend.name)
+    layout.mkdir_private(blob_dir.parent)
+    layout.mkdir_private(blob_dir)
+    store = oci.BlobStore(blob_dir)
+    held = sum(min(store.held(layer.digest), layer.size) for layer in resolved.layers)
+    to_download = max(0, resolved.total_compressed_size - held)
+    tree = int(resolved.total_compressed_size * UNPACK_RATIO)
+    try:
+        fsops.ensure_free_space(
+            op.state.root,
+            to_download + tree,
+            SPACE_MARGIN,
+            parts=[("of layers to download", to_download), ("estimated unpacked tree", tree)],
+        )
+    except LayoutError as exc:
+        raise NotEnoughSpace(str(exc)) from None
     op.checkpoint("resolved")
 
     op.phase(JobPhase.DOWNLOADING, f"downloading {resolved.source}")
-    pulled = _pull(op, resolved, refs, staging)
+    pulled = _pull(op, resolved, refs, staging, blob_dir)
     if (pulled.source, pulled.manifest_digest) != (resolved.source, resolved.manifest_digest):
         signature = _check_signature(op, backend, policy, pulled.source, pulled.manifest_digest)
     return Fetched(
@@ -557,15 +601,22 @@ def _signature_record(outcome: signatures.SignatureOutcome | None) -> dict[str, 
     return {layout.SIGNATURE_KEY: record} if record else {}
 
 
-def _pull(op: Operation, resolved: oci.Resolved, refs: list[str], staging: Path) -> oci.PullResult:
-    """Pull the resolved image; if its source fails, the other references of the chain in order."""
+def _pull(
+    op: Operation, resolved: oci.Resolved, refs: list[str], staging: Path, blob_dir: Path
+) -> oci.PullResult:
+    """Pull the resolved image; if its source fails, the other references of the chain in order.
+
+    The layers download into `blob_dir`, which outlives the job: a job that fails on the network
+    (or a worker killed mid-download) leaves the parts it had, and the next pull resumes from
+    them; a blob that fails its digest or holds a hostile archive is dropped by the client.
+    """
 
     def progress(update: oci.PullProgress) -> None:
         op.progress(update.done, update.total, f"layer {update.layer_index + 1}/{update.layer_count}")
         op.checkpoint("downloading")
 
     try:
-        return op.client.pull(resolved, staging, progress=progress)
+        return op.client.pull(resolved, staging, progress=progress, blob_dir=blob_dir)
     except (oci.UnsafeArchive, Cancelled):
         raise
     except oci.OCIError as first:
@@ -573,7 +624,9 @@ def _pull(op: Operation, resolved: oci.Resolved, refs: list[str], staging: Path)
         if not others:
             raise
         log.warning("pull from %s failed (%s); trying mirrors", resolved.source, first)
-        return op.client.pull_first(others, staging, platform=op.node.platform, progress=progress)
+        return op.client.pull_first(
+            others, staging, platform=op.node.platform, progress=progress, blob_dir=blob_dir
+        )
 
 
 def _swap_in(op: Operation, backend: Backend, *, source: Path, source_is_kept: bool) -> None:
@@ -1001,11 +1054,16 @@ class ReconcileReport:
         return text
 
 
-def reconcile(node: Node | None = None) -> ReconcileReport:
+def reconcile(node: Node | None = None, *, resume_downloads: bool = False) -> ReconcileReport:
     """Finish or undo every operation whose process died, then make the rows agree with the disk.
 
     Runs when a worker starts and by `manage.py backends reconcile`. An operation still running in
-    another process (its journal lock held) is left alone.
+    another process (its journal lock held) is left alone. With `resume_downloads` (a worker
+    starting, which will run the queue) an install or upgrade that died while it downloaded, its
+    live backend untouched, is queued again as the same job (at most PORTAL_PULL_RESUME_ATTEMPTS
+    times) and resumes from its part files; otherwise it is marked interrupted and its part files
+    go. A blob directory is never removed as a leftover: only its files untouched for
+    PORTAL_PULL_BLOB_MAX_AGE_DAYS are.
     """
     node = node or Node.local()
     state = layout.StateDirs(node.state_path)
@@ -1020,20 +1078,30 @@ def reconcile(node: Node | None = None) -> ReconcileReport:
                 continue
             journal.take_over(record.backend)
             outcome = _recover(journal, state, record)
+            if resume_downloads and _resume_download(record):
+                outcome += f"; {UpgradeJob.RESUMED_MESSAGE}"
+            else:
+                _mark_interrupted(record.job_id, f"interrupted at step {record.step!r}: {outcome}")
+                # Nothing will resume from its downloads: their space is free again.
+                with contextlib.suppress(OSError, LayoutError):
+                    oci.BlobStore(state.blob_dir(record.backend)).clear()
             recovered.append(
                 f"{record.backend}: {record.op} (job {record.job_id}) at {record.step!r}: {outcome}"
             )
-            _mark_interrupted(record.job_id, f"interrupted at step {record.step!r}: {outcome}")
     finally:
         journal.close()
     removed = 0
     named = {Path(r.staging) for r in journal.pending() if r.staging}
+    max_age = settings.PORTAL_PULL_BLOB_MAX_AGE_DAYS * 86400.0
     if state.staging_root.is_dir():
         for parent in state.staging_root.iterdir():
             if parent.name in busy:
                 continue
             for leftover in list(parent.iterdir()) if parent.is_dir() else []:
-                if leftover not in named:
+                if leftover.name == layout.BLOB_DIR_NAME and leftover.is_dir() and not leftover.is_symlink():
+                    # Downloads a retry resumes from: only what nobody touched for max_age goes.
+                    removed += oci.BlobStore(leftover).prune(max_age)
+                elif leftover not in named:
                     fsops.remove_tree(leftover)
                     removed += 1
     removed += state.empty_trash()
@@ -1045,6 +1113,19 @@ def reconcile(node: Node | None = None) -> ReconcileReport:
         interrupted.append(job.pk)
     problems = record_disk_state(node)
     return ReconcileReport(recovered, interrupted, problems, removed)
+
+
+def _resume_download(record: JournalRecord) -> bool:
+    """Queue again an install or upgrade whose worker died while it downloaded (the live backend
+    untouched), at most PORTAL_PULL_RESUME_ATTEMPTS times per job; its pull resumes from the part
+    files in the backend's blob directory."""
+    if record.op not in (JobKind.INSTALL, JobKind.UPGRADE) or record.step != "staging":
+        return False
+    try:
+        job = UpgradeJob.objects.select_related("node").get(pk=int(record.job_id))
+    except (ValueError, UpgradeJob.DoesNotExist):
+        return False
+    return job.resume_after_restart(settings.PORTAL_PULL_RESUME_ATTEMPTS)
 
 
 def _mark_interrupted(job_id: str, message: str) -> None:

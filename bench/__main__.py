@@ -16,7 +16,8 @@ BENCHMARKS = [
     ["bench.bench_signatures"],
     ["bench.bench_signatures", "--via-proxy", LINK],
     ["bench.bench_watch"],
-    ["bench.bench_pull", "--size-mib", "256", "--via-proxy", LINK],
+    # A 1 GiB backend in 4 gzip layers through the link, with a kill at 80% and a resume.
+    ["bench.bench_pull", "--size-mib", "1024", "--via-proxy", LINK],
     ["bench.bench_check", "--backends", "300", "--rounds", "3", "--via-proxy", LINK],
 ]
 

@@ -384,6 +384,14 @@ def env_positive(name: str, default: int) -> int:
     return value
 
 
+# Pulls (docs/oci.md#pulls): connections open at once over all layers, layers downloaded at once,
+# MiB fetched by one ranged request; days a partly downloaded blob is kept for a retry to resume;
+# how many times a worker that restarts re-queues an install it was killed downloading.
+PORTAL_PULL_CONNECTIONS = env_positive("PORTAL_PULL_CONNECTIONS", 8)
+PORTAL_PULL_LAYERS = env_positive("PORTAL_PULL_LAYERS", 4)
+PORTAL_PULL_PART_MIB = env_positive("PORTAL_PULL_PART_MIB", 16)
+PORTAL_PULL_BLOB_MAX_AGE_DAYS = env_positive("PORTAL_PULL_BLOB_MAX_AGE_DAYS", 3)
+PORTAL_PULL_RESUME_ATTEMPTS = env_int("PORTAL_PULL_RESUME_ATTEMPTS", 2)
 PORTAL_GALLERY_MAX_BYTES = env_positive("PORTAL_GALLERY_MAX_BYTES", 32 * 1024 * 1024)
 PORTAL_GALLERY_MAX_ENTRIES = env_positive("PORTAL_GALLERY_MAX_ENTRIES", 50_000)
 PORTAL_GALLERY_MAX_NODES = env_positive("PORTAL_GALLERY_MAX_NODES", 2_500_000)

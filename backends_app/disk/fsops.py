@@ -14,6 +14,7 @@ import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -236,12 +237,22 @@ def _mib(size: int) -> str:
     return f"{size / MiB:.1f}"
 
 
-def ensure_free_space(path: StrPath, needed: int, margin: int = 0) -> None:
-    """Raise ``LayoutError`` unless ``needed + margin`` bytes are free on the filesystem of ``path``."""
+def ensure_free_space(
+    path: StrPath, needed: int, margin: int = 0, parts: Sequence[tuple[str, int]] = ()
+) -> None:
+    """Raise ``LayoutError`` unless ``needed + margin`` bytes are free on the filesystem of ``path``.
+
+    ``parts`` names what ``needed`` is made of, for the message (``("layers to download", n)``).
+    """
     free = free_bytes(path)
     total = needed + margin
     if total > free:
-        detail = f" ({_mib(needed)} MiB plus a {_mib(margin)} MiB margin)" if margin else ""
+        shown = [f"{_mib(size)} MiB {what}" for what, size in parts] or (
+            [f"{_mib(needed)} MiB"] if margin else []
+        )
+        if margin:
+            shown.append(f"a {_mib(margin)} MiB margin")
+        detail = f" ({', '.join(shown[:-1])} plus {shown[-1]})" if len(shown) > 1 else ""
         raise LayoutError(f"need {_mib(total)} MiB{detail}, {_mib(free)} MiB free on {path}")
 
 

@@ -405,12 +405,17 @@ def state_path_problems(backends_path: StrPath, state_path: StrPath) -> list[str
     return problems
 
 
+# The directory under staging/<name>/ that holds downloads in progress (reconcile keeps it).
+BLOB_DIR_NAME = "blobs"
+
+
 class StateDirs:
     """The portal's own directory, beside the backends directory and hidden from LocalAI.
 
-    Layout: ``staging/<name>/<token>/`` (a tree being prepared), ``kept/<name>/<label>/`` (earlier
-    versions kept for rollback), ``journal/`` (operations in flight), ``trash/`` (garbage: always
-    safe to delete). Directories are created on demand with mode 0700.
+    Layout: ``staging/<name>/<token>/`` (a tree being prepared), ``staging/<name>/blobs/`` (the
+    part files of layers being downloaded, kept across jobs so a retry resumes),
+    ``kept/<name>/<label>/`` (earlier versions kept for rollback), ``journal/`` (operations in
+    flight), ``trash/`` (garbage: always safe to delete). Directories are created on demand with mode 0700.
     """
 
     def __init__(self, state_path: StrPath) -> None:
@@ -459,6 +464,10 @@ class StateDirs:
             raise LayoutError(f"staging directory {path} already exists") from None
         os.chmod(path, 0o755)  # noqa: S103  (see the docstring: LocalAI must read it)
         return path
+
+    def blob_dir(self, name: str) -> Path:
+        """``staging/<name>/blobs``: where backend ``name``'s layers download (not a staging tree)."""
+        return self.staging_root / check_name(name) / BLOB_DIR_NAME
 
     def kept(self, name: str, label: str) -> Path:
         """Return ``kept/<name>/<label>``, a rename target: its parent is created, it is not."""

@@ -15,6 +15,7 @@ Every failure is an :class:`OCIError` (subclasses below).
 
 from __future__ import annotations
 
+from .blobs import BlobStore
 from .client import PullResult, RegistryClient, RegistryConfig, Resolved, default_platform, is_loopback_host
 from .errors import (
     AllSourcesFailed,
@@ -35,6 +36,7 @@ from .unpack import PullProgress, UnpackStats, unpack_layers
 __all__ = [
     "AllSourcesFailed",
     "AuthError",
+    "BlobStore",
     "Descriptor",
     "DigestMismatch",
     "Directory",

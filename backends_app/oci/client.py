@@ -24,11 +24,23 @@ Auth. The schemes, credentials and tokens are ``auth.py``'s; this module sends t
 Threads. A :class:`RegistryClient` may be shared by the threads of a pool: the host table, the
 token cache and the request counters are guarded by locks, and ``requests`` sessions are safe for
 concurrent requests that do not change session state (we never do; each call has its own
-response). The pool keeps up to :data:`POOL_SIZE` connections per host; more threads would wait.
+response). The pool keeps up to :data:`POOL_SIZE` connections per host; a pull with more
+``pull_connections`` opens the others without keeping them.
+
+Pulls. Layers download concurrently into part files (``blobs.py``): up to ``pull_layers`` layers
+at once over up to ``pull_connections`` connections, each blob cut into ranged parts of
+``pull_part_size`` bytes, the earliest layer's parts first. A layer is applied (inflated and safely
+unpacked by ``unpack.RootfsWriter``) only once its whole blob's size and digest are verified, in
+manifest order, while later layers still download. A part cut off mid-way resumes from its first
+missing byte; with ``blob_dir`` the part files outlive the call and a later pull of the same layers
+continues from them (after a SIGKILL too). Temporary disk: the compressed size of the image at most
+(each blob's files go once its layer is applied, unless ``blob_dir`` keeps them for a retry). A
+registry that ignores Range is remembered for the client's life and served one stream per blob.
 
 Request budget (see :attr:`RegistryClient.request_counts`): ``head_digest`` costs one HEAD once a
-token is cached; ``resolve`` a HEAD and a GET (plus a GET for an index); ``pull`` one GET per
-layer. A first contact with a bearer-token registry adds the 401 and one token GET.
+token is cached; ``resolve`` a HEAD and a GET (plus a GET for an index); ``pull`` one GET per part
+(one per layer for layers up to ``pull_part_size``). A first contact with a bearer-token registry
+adds the 401 and one token GET.
 """
 
 from __future__ import annotations
@@ -42,11 +54,13 @@ import logging
 import os
 import random
 import re
+import shutil
+import tempfile
 import threading
 import time
 import urllib.parse
 import warnings
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -57,7 +71,7 @@ import urllib3
 from backends_app.disk.fsops import tree_size
 from backends_app.http_retry import retry_after_seconds
 
-from . import auth
+from . import auth, blobs
 from .errors import (
     AllSourcesFailed,
     AuthError,
@@ -82,7 +96,15 @@ from .manifest import (
     select_platform,
 )
 from .reference import Reference, parse_reference, validate_digest
-from .unpack import COPY_CHUNK, PROGRESS_INTERVAL, ProgressCallback, unpack_layers
+from .unpack import (
+    COPY_CHUNK,
+    PROGRESS_INTERVAL,
+    ProgressCallback,
+    PullProgress,
+    RootfsWriter,
+    decompressing_reader,
+    remove_tree,
+)
 
 # Only hosts the operator marked insecure (or loopback) are reached without verifying certificates;
 # urllib3's warning about each such request says nothing new. Filtered once here: a
@@ -128,6 +150,12 @@ class RegistryConfig:
     blob_deadline: float = 3600.0
     """The longest one blob (a layer, a config, a manifest) may take to download, retries and
     resumes included (0: none)."""
+    pull_connections: int = 8
+    """Connections a pull may have open at once, over all its layers."""
+    pull_layers: int = 4
+    """Layers a pull downloads at once (the earliest first)."""
+    pull_part_size: int = blobs.DEFAULT_PART_SIZE
+    """Bytes of a blob fetched by one ranged request; a blob this size or smaller is one request."""
     user_agent: str = "backend-portal-oci/1"
     on_response: Callable[[str, str, int | None], None] | None = None
     """Called after every HTTP exchange as ``(host, method, status)``, ``status`` None when no
@@ -257,6 +285,7 @@ class RegistryClient:
         self._counts: collections.Counter[str] = collections.Counter()
         self._credentials = auth.Credentials(self.config.credentials, self.config.auth_file)
         self._insecure = {h.lower() for h in self.config.insecure_hosts}
+        self._no_ranges: set[str] = set()  # hosts that answer a ranged request with the whole blob
 
     # -- lifecycle and counters ---------------------------------------------------------------
 
@@ -403,27 +432,90 @@ class RegistryClient:
         dest: str | os.PathLike[str],
         platform: str | None = None,
         progress: ProgressCallback | None = None,
+        blob_dir: str | os.PathLike[str] | None = None,
     ) -> PullResult:
-        """Resolve (unless given a :class:`Resolved`), then stream, verify and unpack every layer.
+        """Resolve (unless given a :class:`Resolved`), then download, verify and unpack every layer.
 
         ``platform`` only matters when resolving here (a :class:`Resolved` already chose one).
         ``dest`` must not exist; it is created and, on any failure, removed again with everything in
-        it. Layers are fetched by digest from the resolved repository, one at a time, each read once.
+        it. Layers are downloaded concurrently into part files (see ``blobs.py``) and applied in
+        manifest order, each once its whole blob is verified, while later ones still download.
+
+        ``blob_dir``: where the part files live. Given, they survive this call (a later pull with
+        the same layers continues from them; they are kept until the caller clears the directory,
+        since a retry must re-apply every layer); a blob that fails its digest twice or holds a
+        hostile archive is dropped from it. Without it, a private directory beside ``dest`` is used,
+        each blob's files are deleted once its layer is applied, and the directory is removed at the
+        end.
         """
         resolved = target if isinstance(target, Resolved) else self.resolve(target, platform)
         reference = resolved.reference
-        downloaded = [0]
-
-        def opener(descriptor: Descriptor) -> Iterable[bytes]:
-            return self._blob_chunks(reference, descriptor, downloaded)
-
-        stats = unpack_layers(
-            dest,
-            [(layer, functools.partial(opener, layer)) for layer in resolved.layers],
-            progress=progress,
-            progress_interval=self.config.progress_interval,
-        )
         dest_path = Path(dest)
+        layers = resolved.layers
+        try:
+            dest_path.mkdir(mode=0o755)
+        except FileExistsError:
+            raise OCIError(f"destination {dest_path} already exists") from None
+        except FileNotFoundError:
+            raise OCIError(f"parent directory of {dest_path} does not exist") from None
+        private = blob_dir is None
+        root = (
+            Path(tempfile.mkdtemp(prefix=f".{dest_path.name}.blobs-", dir=dest_path.parent))
+            if blob_dir is None
+            else Path(blob_dir)
+        )
+        downloaded = _Counter()
+        started = time.monotonic()
+        try:
+            store = blobs.BlobStore(root)
+            fetch = blobs.BlobPull(
+                store,
+                layers,
+                functools.partial(self._download_parts, reference, downloaded, started),
+                connections=self.config.pull_connections,
+                layers_at_once=self.config.pull_layers,
+                part_size=self.config.pull_part_size,
+                ranged=reference.api_host not in self._no_ranges,
+                on_ranges_ignored=functools.partial(self._note_no_ranges, reference.api_host),
+            )
+            report = _PullReport(progress, layers, fetch, self.config.progress_interval)
+            writer = RootfsWriter(dest_path)
+            if layers:
+                report.layer(0)
+            with fetch:
+                for index, layer in enumerate(layers):
+                    if index:
+                        report.layer(index)
+                    while not fetch.wait(index, report.interval):
+                        report.waiting(index)
+                    label = f"layer {index + 1}/{len(layers)} ({layer.digest[:19]})"
+                    source = fetch.open(index, functools.partial(report.applying, index))
+                    try:
+                        writer.apply_layer(decompressing_reader(source, layer.media_type, label), label)
+                    except UnsafeArchive:
+                        store.discard(layer.digest)
+                        raise
+                    finally:
+                        source.close()
+                    if private:
+                        fetch.release(index)
+                    report.layer_done(index)
+                try:
+                    writer.finish()
+                except UnsafeArchive:
+                    for layer in layers:
+                        store.discard(layer.digest)
+                    raise
+        except BaseException as exc:
+            if isinstance(exc, DigestMismatch) and not private:
+                for layer in layers:
+                    if layer.digest in str(exc):
+                        blobs.BlobStore(root).discard(layer.digest)
+            remove_tree(dest_path)
+            raise
+        finally:
+            if private:
+                shutil.rmtree(root, ignore_errors=True)
         return PullResult(
             reference=resolved.pinned,
             source=resolved.source,
@@ -432,11 +524,16 @@ class RegistryClient:
             manifest_digest=resolved.manifest_digest,
             version=resolved.version,
             dest=dest_path,
-            bytes_downloaded=downloaded[0],
+            bytes_downloaded=downloaded.value,
             size_on_disk=tree_size(dest_path),
-            files=stats.files,
+            files=writer.stats.files,
             resolved=resolved,
         )
+
+    def _note_no_ranges(self, host: str) -> None:
+        """Remember for the client's life that ``host`` answers ranged requests with whole blobs."""
+        with self._lock:
+            self._no_ranges.add(host)
 
     def resolve_first(self, refs: Sequence[str | Reference], platform: str | None = None) -> Resolved:
         """:meth:`resolve` the first reference that works (primary, then mirrors, in order)."""
@@ -448,13 +545,14 @@ class RegistryClient:
         dest: str | os.PathLike[str],
         platform: str | None = None,
         progress: ProgressCallback | None = None,
+        blob_dir: str | os.PathLike[str] | None = None,
     ) -> PullResult:
         """:meth:`pull` from the first reference that works; ``result.source`` says which.
 
         A source that fails for any reason but a hostile archive is skipped (``dest`` is cleaned
         between attempts); a hostile archive stops everything, as the image itself is refused.
         """
-        return self._first(refs, lambda ref: self.pull(ref, dest, platform, progress), "pull")
+        return self._first(refs, lambda ref: self.pull(ref, dest, platform, progress, blob_dir), "pull")
 
     def _first(
         self, refs: Sequence[str | Reference], action: Callable[[str | Reference], _T], verb: str
@@ -523,65 +621,82 @@ class RegistryClient:
         _verify_bytes(body, descriptor.digest, where)
         return body
 
-    def _blob_chunks(self, ref: Reference, descriptor: Descriptor, downloaded: list[int]) -> Iterator[bytes]:
-        """A layer blob's bytes; a connection lost or too slow mid-way is resumed with a Range request."""
+    def _download_parts(
+        self,
+        ref: Reference,
+        downloaded: _Counter,
+        started: float,
+        descriptor: Descriptor,
+        parts: list[blobs.Part],
+        ranged: bool,
+        should_stop: Callable[[], bool],
+    ) -> None:
+        """Fill ``parts`` of a layer blob from the registry (the ``download`` of :class:`blobs.BlobPull`).
+
+        ``ranged``: ``parts`` is one part, fetched from its first missing byte with a Range request
+        (none when that is the whole blob). Otherwise ``parts`` is the whole blob, fetched in one
+        stream whose bytes already held are skipped. A connection lost or too slow mid-way is
+        resumed, within ``retries``.
+        """
         path = f"blobs/{descriptor.digest}"
-        watch = self._watch(f"{ref.api_host}: blob {descriptor.digest}")
-        received = 0
+        where = f"{ref.api_host}: blob {descriptor.digest}"
+        watch = self._watch(where)
+        watch.started = started
         resumes = 0
-        response = self._request("GET", ref, path, what="blob", stream=True)
-        try:
-            while True:
-                skip = 0
-                if received:
-                    # A resumed request: 206 continues where we were, 200 starts again.
-                    if response.status_code == 206:
-                        start = _content_range_start(response.headers.get("Content-Range"))
-                        if start != received:
-                            raise RegistryUnavailable(
-                                f"{ref.api_host}: bad Content-Range resuming {descriptor.digest}"
-                            )
-                    else:
-                        skip = received
-                try:
-                    for chunk in _watched_body(response, watch):
-                        if skip:
-                            cut = min(skip, len(chunk))
-                            chunk, skip = chunk[cut:], skip - cut
-                        if chunk:
-                            received += len(chunk)
-                            downloaded[0] += len(chunk)
-                            yield chunk
-                    return
-                except (
-                    requests.ConnectionError,
-                    requests.Timeout,
-                    requests.exceptions.ChunkedEncodingError,
-                    urllib3.exceptions.HTTPError,
-                    _TooSlow,
-                ) as exc:
-                    response.close()
-                    cause = str(exc) if isinstance(exc, _TooSlow) else type(exc).__name__
-                    if resumes >= self.config.retries:
-                        if isinstance(exc, _TooSlow):
-                            raise RegistryUnavailable(
-                                f"{ref.api_host}: downloading {descriptor.digest} {exc}, "
-                                f"{resumes + 1} attempt(s), {received} of {descriptor.size} bytes received"
-                            ) from None
+        while True:
+            missing = [part for part in parts if not part.complete]
+            if not missing:
+                return
+            headers: dict[str, str] = {}
+            first = missing[0].start + missing[0].held
+            whole = first == 0 and missing[0].end == descriptor.size
+            if ranged and not whole:
+                headers["Range"] = f"bytes={first}-{missing[0].end - 1}"
+            response = self._request(
+                "GET", ref, path, what="blob", stream=True, headers=headers, ok=(200, 206, 416)
+            )
+            before = sum(part.held for part in parts)
+            try:
+                if response.status_code == 416:
+                    raise blobs.RangeRefused()
+                if headers:
+                    if response.status_code != 206:
+                        raise blobs.RangeIgnored()
+                    if _content_range_start(response.headers.get("Content-Range")) != first:
+                        raise RegistryUnavailable(f"{where}: bad Content-Range answering bytes={first}-")
+                    _fill_part(response, missing[0], watch, downloaded, should_stop)
+                else:
+                    _fill_in_order(response, parts, descriptor, watch, downloaded, should_stop)
+                if any(not part.complete for part in parts):
+                    raise _ShortBody(f"the body ended after {sum(p.held for p in parts) - before} bytes")
+                return
+            except (
+                requests.ConnectionError,
+                requests.Timeout,
+                requests.exceptions.ChunkedEncodingError,
+                urllib3.exceptions.HTTPError,
+                _TooSlow,
+                _ShortBody,
+            ) as exc:
+                cause = str(exc) if isinstance(exc, _TooSlow | _ShortBody) else type(exc).__name__
+                received = sum(part.held for part in parts)
+                if resumes >= self.config.retries:
+                    if isinstance(exc, _TooSlow):
                         raise RegistryUnavailable(
-                            f"{ref.api_host}: connection lost downloading {descriptor.digest} "
-                            f"after {received} bytes ({cause})"
+                            f"{ref.api_host}: downloading {descriptor.digest} {exc}, "
+                            f"{resumes + 1} attempt(s), {received} of {descriptor.size} bytes received"
                         ) from None
-                    resumes += 1
-                    log.info("resuming %s at byte %d after %s", descriptor.digest, received, cause)
-                    self._sleep(self._backoff(resumes - 1))
-                    watch.check_deadline(received, descriptor.size)
-                    watch.restart_window()
-                    response = self._request(
-                        "GET", ref, path, what="blob", stream=True, headers={"Range": f"bytes={received}-"}
-                    )
-        finally:
-            response.close()
+                    raise RegistryUnavailable(
+                        f"{ref.api_host}: connection lost downloading {descriptor.digest} "
+                        f"after {received} bytes ({cause})"
+                    ) from None
+                resumes += 1
+                log.info("resuming %s at byte %d after %s", descriptor.digest, received, cause)
+                self._sleep(self._backoff(resumes - 1))
+                watch.check_deadline(received, descriptor.size)
+                watch.restart_window()
+            finally:
+                response.close()
 
     def _watch(self, where: str) -> _TransferWatch:
         return _TransferWatch(
@@ -868,6 +983,150 @@ def _read_limited(response: requests.Response, limit: int, where: str, watch: _T
         return b"".join(parts)
 
 
+class _PullReport:
+    """Progress callbacks of a pull, from the calling thread only, at most one per ``interval``.
+
+    ``done`` counts the bytes of the image on disk (resumed ones included); ``layer_done`` is the
+    layer being waited for (bytes held) or applied (bytes read back), and equals ``layer_total``
+    exactly once per layer, when it is applied.
+    """
+
+    def __init__(
+        self,
+        callback: ProgressCallback | None,
+        layers: Sequence[Descriptor],
+        fetch: blobs.BlobPull,
+        interval: float,
+    ) -> None:
+        self._callback = callback
+        self._layers = layers
+        self._fetch = fetch
+        self.interval = max(0.01, interval)
+        self._total = sum(layer.size for layer in layers)
+        self._last = 0.0
+        self._read = 0
+
+    def _emit(self, index: int, layer_done: int, *, force: bool) -> None:
+        if self._callback is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._last < self.interval:
+            return
+        self._last = now
+        layer = self._layers[index]
+        self._callback(
+            PullProgress(
+                layer_index=index,
+                layer_count=len(self._layers),
+                layer_digest=layer.digest,
+                layer_done=layer_done,
+                layer_total=layer.size,
+                done=min(self._total, self._fetch.held),
+                total=self._total,
+            )
+        )
+
+    def layer(self, index: int) -> None:
+        self._read = 0
+        held = self._fetch.blobs[index].held
+        self._emit(index, max(0, min(held, self._layers[index].size - 1)), force=True)
+
+    def waiting(self, index: int) -> None:
+        held = self._fetch.blobs[index].held
+        if held < self._layers[index].size:
+            self._emit(index, held, force=False)
+
+    def applying(self, index: int, n: int) -> None:
+        self._read += n
+        if self._read < self._layers[index].size:
+            self._emit(index, self._read, force=False)
+
+    def layer_done(self, index: int) -> None:
+        self._emit(index, self._layers[index].size, force=True)
+
+
+class _ShortBody(Exception):
+    """A body ended before the bytes asked for (resumed like a lost connection)."""
+
+
+class _Counter:
+    """Bytes received from the network by a pull's threads."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.value += n
+
+
+def _fill_part(
+    response: requests.Response,
+    part: blobs.Part,
+    watch: _TransferWatch,
+    downloaded: _Counter,
+    should_stop: Callable[[], bool],
+) -> None:
+    """Append a 206 body (which starts at the part's first missing byte) to the part's file."""
+    with blobs.PartWriter(part) as out:
+        for chunk in _watched_body(response, watch, part.length - part.held, hold=0):
+            if should_stop():
+                raise blobs.Stopped()
+            downloaded.add(len(chunk))
+            out.write(chunk)
+
+
+def _fill_in_order(
+    response: requests.Response,
+    parts: list[blobs.Part],
+    descriptor: Descriptor,
+    watch: _TransferWatch,
+    downloaded: _Counter,
+    should_stop: Callable[[], bool],
+) -> None:
+    """Spread a whole-blob body over ``parts`` (which tile the blob), skipping bytes already held."""
+    declared = response.headers.get("Content-Length")
+    if response.status_code == 200 and declared and declared.isdigit() and int(declared) != descriptor.size:
+        raise DigestMismatch(
+            f"blob {descriptor.digest}: registry serves {declared} bytes, "
+            f"the manifest declares {descriptor.size}"
+        )
+    position, index = 0, 0
+    writer: blobs.PartWriter | None = None
+    try:
+        for chunk in _watched_body(response, watch, hold=0):
+            if should_stop():
+                raise blobs.Stopped()
+            downloaded.add(len(chunk))
+            view = memoryview(chunk)
+            while view:
+                while index < len(parts) and position >= parts[index].end:
+                    index += 1
+                    if writer is not None:
+                        writer.close()
+                        writer = None
+                if index == len(parts):
+                    raise DigestMismatch(
+                        f"blob {descriptor.digest}: registry sent more than the "
+                        f"{descriptor.size} bytes the manifest declares"
+                    )
+                part = parts[index]
+                held_to = part.start + part.held
+                if position < held_to:
+                    n = min(len(view), held_to - position)
+                else:
+                    n = min(len(view), part.end - position)
+                    if writer is None:
+                        writer = blobs.PartWriter(part)
+                    writer.write(view[:n])
+                position += n
+                view = view[n:]
+    finally:
+        if writer is not None:
+            writer.close()
+
+
 class _TooSlow(Exception):
     """A body fell below the low-speed limit (a layer resumes on a fresh connection)."""
 
@@ -925,14 +1184,15 @@ _YIELD_SECONDS = 0.2
 
 
 def _watched_body(
-    response: requests.Response, watch: _TransferWatch, limit: int | None = None
+    response: requests.Response, watch: _TransferWatch, limit: int | None = None, hold: float = _YIELD_SECONDS
 ) -> Iterator[bytes]:
     """The response body, one socket read at a time, each checked against `watch`.
 
     ``iter_content`` would block until a whole chunk has arrived, however slowly; a read of what
     is there (``read1``) returns within the read timeout, so the limits are checked that often.
-    Reads are joined into chunks of up to ``COPY_CHUNK`` bytes for the consumer. Network errors
-    are urllib3's (the caller maps them). ``limit``: stop reading once that many bytes arrived.
+    Reads are joined into chunks of up to ``COPY_CHUNK`` bytes for the consumer, held at most
+    ``hold`` seconds (0: each read is passed on, as part files want: a kill loses nothing read).
+    Network errors are urllib3's (the caller maps them). ``limit``: stop reading once that many bytes arrived.
     """
     raw = response.raw
     pieces: list[bytes] = []
@@ -941,14 +1201,19 @@ def _watched_body(
     last_yield = time.monotonic()
     while limit is None or total < limit:
         want = COPY_CHUNK - pending if limit is None else min(COPY_CHUNK - pending, limit - total)
-        data = raw.read1(want, decode_content=True)
-        watch.update(len(data))
+        try:
+            data = raw.read1(want, decode_content=True)
+            watch.update(len(data))
+        except BaseException:
+            if pieces:  # what arrived before the error is kept (a resume starts after it)
+                yield b"".join(pieces)
+            raise
         if not data:
             break
         pieces.append(data)
         pending += len(data)
         total += len(data)
-        if pending >= COPY_CHUNK or time.monotonic() - last_yield >= _YIELD_SECONDS:
+        if pending >= COPY_CHUNK or time.monotonic() - last_yield >= hold:
             yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
             pieces, pending, last_yield = [], 0, time.monotonic()
     if pieces:

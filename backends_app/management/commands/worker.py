@@ -119,7 +119,8 @@ class Command(BaseCommand):
         stop = threading.Event()
         # Made before the reconcile, so what changes on disk from here on is seen.
         watcher = BackendsWatch(node, settings.PORTAL_WATCH_INTERVAL, stop)
-        report = procedure.reconcile(node)
+        # A job this node's worker was killed downloading is queued again, and resumes.
+        report = procedure.reconcile(node, resume_downloads=True)
         self.stdout.write(f"{node.name}: {report.summary()}")
         # A fresh portal lists nothing until its galleries are read: sync those never synced now,
         # on this worker's own queue so it runs here at once.

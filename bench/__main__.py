@@ -17,7 +17,9 @@ BENCHMARKS = [
     ["bench.bench_signatures", "--via-proxy", LINK],
     ["bench.bench_watch"],
     ["bench.bench_pull", "--size-mib", "256", "--via-proxy", LINK],
-    ["bench.bench_check", "--backends", "300", "--rounds", "3", "--via-proxy", LINK],
+    # LocalAI's concrete gallery is about 900 images: the check of all of them through the link.
+    ["bench.bench_check", "--backends", "900", "--rounds", "3", "--via-proxy", LINK],
+    ["bench.bench_http2", "--tags", "900", "--rounds", "3", "--via-proxy", LINK],
 ]
 
 if __name__ == "__main__":

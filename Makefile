@@ -23,6 +23,10 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
+$(VENV)/.installed-bench: $(VENV)/.installed-test
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $@
+
 venv: $(VENV)/.installed
 
 test-venv: $(VENV)/.installed-test
@@ -53,7 +57,7 @@ test: test-deps lint
 	DATABASE_URL=$(TEST_DATABASE_URL) $(VENV)/bin/pytest
 	DATABASE_URL= $(VENV)/bin/pytest --db-pass=sqlite
 
-bench: test-deps
+bench: test-deps $(VENV)/.installed-bench
 	$(PY) -m bench
 
 clean:

@@ -152,6 +152,8 @@ class CheckReport:
     finished_at: dt.datetime | None = None
     request_counts: dict[str, int] = field(default_factory=dict)
     """Registry requests the check made, by HTTP method (HEAD, GET)."""
+    rate_limited: list[RateLimited] = field(default_factory=list)
+    """The registries that answered HTTP 429 during the check, and how far they slowed it."""
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -195,12 +197,50 @@ class CheckReport:
             parts.append(f"{refused} refused (signature)")
         parts.append(_plural(len(self.errors), "error"))
         text = f"checked {_plural(count, 'backend')}{where}: {', '.join(parts)}"
+        for limited in self.rate_limited:
+            text += f"; {limited}"
         if self.gallery_errors:
             text += (
                 f"; {_plural(len(self.gallery_errors), 'gallery', 'galleries')} could not be synced "
                 "(their last good data was used)"
             )
         return text
+
+
+@dataclass(frozen=True)
+class RateLimited:
+    """One registry that rate-limited a check (HTTP 429): the check slowed down for it."""
+
+    host: str
+    responses: int
+    """HTTP 429 answers during the check."""
+    in_flight: int
+    """The fewest requests in flight the check was slowed to for this host."""
+    gave_up: int = 0
+    """Lookups that failed because the host answered nothing but 429 for too long."""
+
+    def __str__(self) -> str:
+        text = (
+            f"registry {self.host} rate-limited us (HTTP 429 x {self.responses}): slowed to "
+            f"{_plural(self.in_flight, 'request')} in flight"
+        )
+        if self.gave_up:
+            text += f", then gave up on {_plural(self.gave_up, 'request')} it kept refusing"
+        return text
+
+
+def _rate_limited(
+    before: dict[str, oci.RateLimitStats], after: dict[str, oci.RateLimitStats]
+) -> list[RateLimited]:
+    """The hosts that answered 429 between two snapshots of a client's `rate_limits()`."""
+    found = []
+    for host, now in sorted(after.items()):
+        then = before.get(host)
+        responses = now.throttled - (then.throttled if then else 0)
+        if responses:
+            gave_up = now.gave_up - (then.gave_up if then else 0)
+            found.append(RateLimited(host, responses, now.lowest, gave_up))
+    return found
 
 
 def _plural(count: int, word: str, plural: str = "") -> str:
@@ -660,14 +700,14 @@ def _find_upgrades(
     targets = _targets(nodes)
     own_client = client is None
     registry = client or client_from_settings()
-    counts_before = registry.request_counts
+    counts_before, limits_before = registry.request_counts, registry.rate_limits()
     if job is not None:
         job.set_phase(JobPhase.RESOLVING, f"checking {_plural(len(targets), 'backend')}")
     try:
         verdicts = _look_up(registry, targets, _progress(job, len(targets)))
         _check_signatures(registry, verdicts)
     finally:
-        counts_after = registry.request_counts
+        counts_after, limits_after = registry.request_counts, registry.rate_limits()
         if own_client:
             registry.close()
     report.request_counts = {
@@ -675,6 +715,9 @@ def _find_upgrades(
         for method in counts_after
         if counts_after.get(method, 0) - counts_before.get(method, 0)
     }
+    report.rate_limited = _rate_limited(limits_before, limits_after)
+    for limited in report.rate_limited:
+        log.warning("check: %s", limited)
     report.results = _record(verdicts, full=nodes is None)
     report.finished_at = timezone.now()
     PortalSettings.record_check(finished_at=report.finished_at, requested_by=requested_by)

@@ -18,7 +18,9 @@ BENCHMARKS = [
     ["bench.bench_watch"],
     # A 1 GiB backend in 4 gzip layers through the link, with a kill at 80% and a resume.
     ["bench.bench_pull", "--size-mib", "1024", "--via-proxy", LINK],
-    ["bench.bench_check", "--backends", "300", "--rounds", "3", "--via-proxy", LINK],
+    # LocalAI's concrete gallery is about 900 images: the check of all of them through the link.
+    ["bench.bench_check", "--backends", "900", "--rounds", "3", "--via-proxy", LINK],
+    ["bench.bench_http2", "--tags", "900", "--rounds", "3", "--via-proxy", LINK],
 ]
 
 if __name__ == "__main__":

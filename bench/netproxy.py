@@ -191,7 +191,9 @@ class _Pipe:
         if eof:
             self.eof_delivered = True
             if self.sink.can_write_eof():
-                self.sink.write_eof()
+                # The other side may have gone already (a TLS server closing its end first).
+                with contextlib.suppress(OSError):
+                    self.sink.write_eof()
             self.conn.maybe_close()
             return
         self.schedule()

@@ -352,7 +352,12 @@ PORTAL_CONFIG_POLL_INTERVAL = env_int("PORTAL_CONFIG_POLL_INTERVAL", 2)
 PORTAL_INSECURE_REGISTRIES = env_list("PORTAL_INSECURE_REGISTRIES")
 PORTAL_REGISTRY_TIMEOUT = env_int("PORTAL_REGISTRY_TIMEOUT", 30)
 PORTAL_REGISTRY_RETRIES = env_int("PORTAL_REGISTRY_RETRIES", 3)
-PORTAL_REGISTRY_CONCURRENCY = env_int("PORTAL_REGISTRY_CONCURRENCY", 8)
+# Registry requests in flight during a check (its thread pool), and at most to one registry host
+# (the connections kept open to it). A distant registry mostly makes a lookup wait, so many pay off.
+PORTAL_REGISTRY_CONCURRENCY = env_int("PORTAL_REGISTRY_CONCURRENCY", 32)
+# Seconds a registry may answer nothing but HTTP 429 before the requests waiting on it fail; until
+# then a 429 slows that host down (half the requests in flight, Retry-After waited for by all).
+PORTAL_REGISTRY_RATE_LIMIT_PATIENCE = env_int("PORTAL_REGISTRY_RATE_LIMIT_PATIENCE", 120)
 # A download slower than SPEED_LIMIT bytes/s over SPEED_TIME seconds is cut off (and resumed, within
 # the retries); no blob may take longer than BLOB_DEADLINE seconds. 0 turns a limit off.
 PORTAL_REGISTRY_SPEED_LIMIT = env_int("PORTAL_REGISTRY_SPEED_LIMIT", 1024)

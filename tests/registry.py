@@ -11,7 +11,8 @@ Fixtures:
 * ``token_registry`` (session): a registry using bearer tokens from a :class:`TokenServer`, as
   quay.io and Docker Hub do: anonymous pull, ``.credentials`` may push.
 * ``fault_proxy_factory``: ``factory(upstream)`` -> a :class:`FaultProxy` in front of a registry,
-  answering chosen requests with e.g. 429 + Retry-After or cutting a body short.
+  answering chosen requests with e.g. 429 + Retry-After or cutting a body short, or every request
+  beyond a rate with 429 (:class:`RateLimit`), as Docker Hub and quay.io do.
 * ``silent_port`` (accepts connections, never answers) and ``closed_port`` (refuses them).
 
 Without ``/usr/bin/docker-registry`` the registry fixtures skip, or fail when ``CI`` or
@@ -446,14 +447,44 @@ class Fault:
     times: int = 1
 
 
+@dataclass
+class RateLimit:
+    """Answer 429 to every request beyond ``per_second`` (a token bucket holding ``burst``), with
+    ``Retry-After`` when given. ``per_second=0, burst=0`` refuses everything, forever."""
+
+    per_second: float
+    burst: int
+    retry_after: str | None = None
+    _tokens: float = -1.0
+    _at: float = 0.0
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        if self._tokens < 0:
+            self._tokens, self._at = float(self.burst), now
+        self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.per_second)
+        self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+
 class FaultProxy:
-    """A small HTTP proxy on loopback in front of a real registry, injecting :class:`Fault` s."""
+    """A small HTTP proxy on loopback in front of a real registry, injecting :class:`Fault` s.
+
+    ``rate_limit`` (a :class:`RateLimit`) answers 429 beyond a rate; ``most_in_flight`` is the most
+    requests it has had in hand at once.
+    """
 
     def __init__(self, upstream: str, bind: str = "127.0.0.1") -> None:
         self.upstream = upstream  # host:port
         self.bind = bind
         self.faults: list[Fault] = []
         self.log: list[tuple[float, str, str, int]] = []  # (time, method, path, status)
+        self.rate_limit: RateLimit | None = None
+        self.in_flight = 0
+        self.most_in_flight = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         proxy = self
@@ -506,10 +537,31 @@ class FaultProxy:
             self.log.append((time.monotonic(), method, path, status))
 
     def _serve(self, handler: http.server.BaseHTTPRequestHandler) -> None:
+        with self._lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            self._serve_one(handler)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _serve_one(self, handler: http.server.BaseHTTPRequestHandler) -> None:
         method, path = handler.command, handler.path
         length = int(handler.headers.get("Content-Length") or 0)
         body = handler.rfile.read(length) if length else None
         fault = self._take_fault(method, path)
+        with self._lock:
+            limited = self.rate_limit is not None and not self.rate_limit.take()
+        if fault is None and limited:
+            assert self.rate_limit is not None
+            retry_after = self.rate_limit.retry_after
+            fault = Fault(
+                match=lambda method, path: True,
+                status=429,
+                headers={"Retry-After": retry_after} if retry_after is not None else {},
+                body=b'{"errors":[{"code":"TOOMANYREQUESTS","message":"rate limit exceeded"}]}',
+            )
         if fault is not None and fault.hang:
             self._record(method, path, 0)
             self._stop.wait(60)

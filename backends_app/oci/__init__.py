@@ -28,6 +28,7 @@ from .errors import (
     RegistryUnavailable,
     UnsafeArchive,
 )
+from .host_limit import RateLimitStats
 from .manifest import Descriptor, Platform
 from .publish import Directory, Symlink, publish, publish_files, publish_per_platform
 from .reference import Reference, parse_reference
@@ -47,6 +48,7 @@ __all__ = [
     "PlatformNotFound",
     "PullProgress",
     "PullResult",
+    "RateLimitStats",
     "Reference",
     "RegistryClient",
     "RegistryConfig",

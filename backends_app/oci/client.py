@@ -1,10 +1,18 @@
 """Talking to OCI registries: connections, retries, resolving tags and pulling images.
 
-Connections. One ``requests.Session`` (one connection pool) per registry host, created on first use.
-Every request has a (connect, read) timeout; connection errors, timeouts and 5xx answers are retried
-``retries`` times with exponential backoff; 429 and 503 honour ``Retry-After`` (seconds or an HTTP
-date) unless it asks for more than ``max_retry_wait``, which fails at once. A dead host therefore
-fails after at most ``(retries + 1) * (connect + read timeout)`` plus the backoff sleeps.
+Connections. One ``requests.Session`` (one connection pool of ``max_in_flight`` connections) per
+registry host, created on first use. Every request has a (connect, read) timeout; connection errors,
+timeouts and 5xx answers are retried ``retries`` times with exponential backoff; 503 honours
+``Retry-After`` (seconds or an HTTP date) unless it asks for more than ``max_retry_wait``, which fails
+at once. A dead host therefore fails after at most ``(retries + 1) * (connect + read timeout)`` plus
+the backoff sleeps.
+
+Rate limits. HTTP 429 slows the whole host down rather than failing requests (``host_limit.py``):
+the requests allowed in flight to that host are halved, every thread waits out ``Retry-After`` (or a
+backoff), and the limit grows back slowly as answers come. A request answered 429 is sent again
+without counting a retry, until the host has answered nothing but 429 for ``rate_limit_patience``
+seconds; then it fails with :class:`RegistryUnavailable`. A ``Retry-After`` beyond
+``max_retry_wait`` still fails at once. :meth:`RegistryClient.rate_limits` says what happened.
 
 Bodies. The read timeout only bounds each silence, so a registry sending a byte every few seconds
 would never trip it. Bodies are therefore read one socket read at a time and watched: a body slower
@@ -24,8 +32,8 @@ Auth. The schemes, credentials and tokens are ``auth.py``'s; this module sends t
 Threads. A :class:`RegistryClient` may be shared by the threads of a pool: the host table, the
 token cache and the request counters are guarded by locks, and ``requests`` sessions are safe for
 concurrent requests that do not change session state (we never do; each call has its own
-response). The pool keeps up to :data:`POOL_SIZE` connections per host; a pull with more
-``pull_connections`` opens the others without keeping them.
+response). At most ``max_in_flight`` requests are in flight to one host (fewer after a 429); more
+threads wait their turn, so the pool never opens connections it would then throw away.
 
 Pulls. Layers download concurrently into part files (``blobs.py``): up to ``pull_layers`` layers
 at once over up to ``pull_connections`` connections, each blob cut into ranged parts of
@@ -82,6 +90,7 @@ from .errors import (
     RegistryUnavailable,
     UnsafeArchive,
 )
+from .host_limit import HostLimit, RateLimitStats
 from .manifest import (
     INDEX_TYPES,
     MANIFEST_ACCEPT,
@@ -114,7 +123,8 @@ warnings.filterwarnings("ignore", category=urllib3.exceptions.InsecureRequestWar
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-POOL_SIZE = 8
+#: Requests in flight to one host at most, and the connections kept open to it (``max_in_flight``).
+MAX_IN_FLIGHT = 32
 _RETRY_STATUSES = frozenset({500, 502, 503, 504})
 
 
@@ -127,11 +137,17 @@ class RegistryConfig:
     timeout: float | tuple[float, float] = (5.0, 60.0)
     """Seconds: one number for both, or (connect, read). Read is the longest silence allowed."""
     retries: int = 3
-    """Retries after the first attempt, on connection errors, timeouts, 5xx and 429."""
+    """Retries after the first attempt, on connection errors, timeouts and 5xx (429: see below)."""
     backoff: float = 0.5
     """First retry delay in seconds; doubles on every retry (with 10% jitter)."""
     max_retry_wait: float = 60.0
     """The longest single wait accepted (backoff or Retry-After); a longer Retry-After fails."""
+    max_in_flight: int = MAX_IN_FLIGHT
+    """Requests in flight to one host at most, and the connections kept open to it. Through a
+    distant link a lookup mostly waits, so many in flight pay off; a 429 lowers it for that host."""
+    rate_limit_patience: float = 120.0
+    """Seconds a host may answer nothing but HTTP 429 before the requests waiting on it fail. Until
+    then a 429 slows the host down (fewer in flight, ``Retry-After`` waited for) and is not a retry."""
     credentials: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     """``{registry host: (username, password)}``; ``docker.io`` for Docker Hub."""
     auth_file: str | os.PathLike[str] | None = None
@@ -235,6 +251,7 @@ class _Host:
     relaxed: bool  # loopback or insecure: HTTP fallback and no certificate verification
     scheme: str | None = None  # None until the first answer when relaxed, else "https"
     auth_state: auth.HostAuth = field(default_factory=auth.HostAuth)
+    limit: HostLimit | None = None  # requests in flight, adapted to the host's 429s
 
 
 def is_loopback_host(host: str) -> bool:
@@ -310,6 +327,13 @@ class RegistryClient:
     def reset_request_counts(self) -> None:
         with self._lock:
             self._counts.clear()
+
+    def rate_limits(self) -> dict[str, RateLimitStats]:
+        """Per host that answered HTTP 429 at least once: how often, and how far it slowed us."""
+        with self._lock:
+            limits = [host.limit for host in self._hosts.values() if host.limit is not None]
+        stats = (limit.stats() for limit in limits)
+        return {s.host: s for s in stats if s.throttled}
 
     # -- public operations ----------------------------------------------------------------------
 
@@ -713,8 +737,9 @@ class RegistryClient:
             host = self._hosts.get(name)
             if host is None:
                 session = requests.Session()
+                ceiling = max(1, self.config.max_in_flight)
                 adapter = requests.adapters.HTTPAdapter(
-                    pool_connections=1, pool_maxsize=POOL_SIZE, max_retries=0
+                    pool_connections=1, pool_maxsize=ceiling, max_retries=0
                 )
                 session.mount("https://", adapter)
                 session.mount("http://", adapter)
@@ -732,7 +757,20 @@ class RegistryClient:
                     or name.lower() in self._insecure
                     or _strip_port(name).lower() in self._insecure
                 )
-                host = _Host(name=name, session=session, relaxed=relaxed, scheme=None if relaxed else "https")
+                limit = HostLimit(
+                    name,
+                    ceiling,
+                    backoff=self.config.backoff,
+                    max_wait=self.config.max_retry_wait,
+                    patience=self.config.rate_limit_patience,
+                )
+                host = _Host(
+                    name=name,
+                    session=session,
+                    relaxed=relaxed,
+                    scheme=None if relaxed else "https",
+                    limit=limit,
+                )
                 self._hosts[name] = host
             return host
 
@@ -745,11 +783,17 @@ class RegistryClient:
         return min(delay, self.config.max_retry_wait)
 
     def _send(self, host: _Host, method: str, url_path: str, **kwargs: Any) -> requests.Response:
-        """One HTTP exchange with the host, choosing the scheme for relaxed hosts on first contact."""
+        """One HTTP exchange with the host, choosing the scheme for relaxed hosts on first contact.
+
+        It waits for a slot under the host's limit first; a 429 answer pauses the host (the caller
+        decides whether to send again)."""
         timeout = self.config.connect_read_timeout
+        limit = host.limit
+        assert limit is not None
         while True:
             scheme = host.scheme or "https"
             url = url_path if "://" in url_path else f"{scheme}://{host.name}{url_path}"
+            sent_at = limit.acquire()
             try:
                 response = host.session.request(
                     method,
@@ -760,6 +804,7 @@ class RegistryClient:
                     **kwargs,
                 )
             except requests.exceptions.SSLError:
+                limit.failed()
                 # The server does not speak TLS: plain HTTP from now on (loopback/insecure only). A
                 # thread that started with https while another found this out retries too.
                 if (
@@ -772,9 +817,15 @@ class RegistryClient:
                     continue
                 self._observe(host.name, method, None)
                 raise
-            except requests.RequestException:
-                self._observe(host.name, method, None)
+            except BaseException as exc:
+                limit.failed()
+                if isinstance(exc, requests.RequestException):
+                    self._observe(host.name, method, None)
                 raise
+            if response.status_code == 429:
+                limit.throttled(sent_at, retry_after_seconds(response.headers.get("Retry-After")))
+            else:
+                limit.answered()
             if host.scheme is None and "://" not in url_path:
                 host.scheme = scheme
             self._count(method)
@@ -854,7 +905,10 @@ class RegistryClient:
                 self._authenticate(host, ref, scope, challenge)
                 authenticated_now = True
                 continue
-            if status == 429 or status in _RETRY_STATUSES:
+            if status == 429:
+                self._rate_limited(host, response, method, target)
+                continue
+            if status in _RETRY_STATUSES:
                 retry_after = retry_after_seconds(response.headers.get("Retry-After"))
                 response.close()
                 if retry_after is not None and retry_after > self.config.max_retry_wait:
@@ -886,6 +940,18 @@ class RegistryClient:
             if status == 404:
                 raise NotFound(f"{what} not found: {target} {path.rpartition('/')[2]}{suffix}")
             raise OCIError(f"{method} {target} {what}: HTTP {status}{suffix}")
+
+    def _rate_limited(self, host: _Host, response: requests.Response, method: str, target: str) -> None:
+        """A 429: the host is paused and slowed already (`_send`), and the next `_send` waits for it
+        (or gives up, `HostLimit.acquire`); a ``Retry-After`` beyond ``max_retry_wait`` fails now."""
+        retry_after = retry_after_seconds(response.headers.get("Retry-After"))
+        response.close()
+        if retry_after is not None and retry_after > self.config.max_retry_wait:
+            raise RegistryUnavailable(
+                f"{target}: HTTP 429, registry asks to retry after {retry_after:.0f}s, "
+                f"more than the {self.config.max_retry_wait:.0f}s allowed"
+            )
+        log.debug("%s %s: HTTP 429, sent again when %s allows", method, target, host.name)
 
     def _authenticate(self, host: _Host, ref: Reference, scope: str, challenge: str) -> None:
         """Answer a 401: note Basic auth, or earn a bearer token for ``scope`` from the token service."""

@@ -20,7 +20,8 @@ from backends_app.models import InstalledVersion, Node
 from backends_app.watcher import BackendsWatch
 from tests import test_processes
 from tests.helpers.files import backend_files, write_tree
-from tests.test_processes import Run, wait_until
+from tests.helpers.processes import wait_until
+from tests.test_processes import Run
 
 # The real-process fixtures: a migrated SQLite database, and a run of `manage.py` on a copy of it.
 migrated = test_processes.migrated

@@ -11,41 +11,23 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import requests
 
 from tests.conftest import REPO
+from tests.helpers.processes import free_port, wait_until
 
 # Generous: these hold on a loaded 2-core machine. The grace period the portal gets is short, so
 # a stop that waits for the running job instead of killing it overshoots these by minutes.
 DEADLINE = 90.0
 GRACE = 5
 LONG_JOB_SECONDS = 600
-
-
-def wait_until(condition: Callable[[], Any], what: str, deadline: float = DEADLINE) -> Any:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {deadline:.0f} s waiting for {what}")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _stat(pid: int) -> tuple[int, str, str] | None:

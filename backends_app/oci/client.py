@@ -111,6 +111,7 @@ from .unpack import (
     ProgressCallback,
     PullProgress,
     RootfsWriter,
+    create_destination,
     decompressing_reader,
     remove_tree,
 )
@@ -474,14 +475,8 @@ class RegistryClient:
         """
         resolved = target if isinstance(target, Resolved) else self.resolve(target, platform)
         reference = resolved.reference
-        dest_path = Path(dest)
         layers = resolved.layers
-        try:
-            dest_path.mkdir(mode=0o755)
-        except FileExistsError:
-            raise OCIError(f"destination {dest_path} already exists") from None
-        except FileNotFoundError:
-            raise OCIError(f"parent directory of {dest_path} does not exist") from None
+        dest_path = create_destination(dest)
         private = blob_dir is None
         root = (
             Path(tempfile.mkdtemp(prefix=f".{dest_path.name}.blobs-", dir=dest_path.parent))

@@ -825,6 +825,18 @@ def apply_blob(
         blob.close()
 
 
+def create_destination(dest: str | os.PathLike[str]) -> Path:
+    """Create the directory a pull unpacks into (0755); it must not exist, its parent must."""
+    dest_path = Path(dest)
+    try:
+        dest_path.mkdir(mode=0o755)
+    except FileExistsError:
+        raise OCIError(f"destination {dest_path} already exists") from None
+    except FileNotFoundError:
+        raise OCIError(f"parent directory of {dest_path} does not exist") from None
+    return dest_path
+
+
 def unpack_layers(
     dest: str | os.PathLike[str],
     layers: Sequence[LayerSource],
@@ -837,13 +849,7 @@ def unpack_layers(
     layer's turn comes, so only one connection is open at a time). On any failure ``dest`` is
     removed entirely before the exception propagates.
     """
-    dest_path = Path(dest)
-    try:
-        dest_path.mkdir(mode=0o755)
-    except FileExistsError:
-        raise OCIError(f"destination {dest_path} already exists") from None
-    except FileNotFoundError:
-        raise OCIError(f"parent directory of {dest_path} does not exist") from None
+    dest_path = create_destination(dest)
     tracker = ProgressTracker(progress, [descriptor for descriptor, _ in layers], progress_interval)
     writer = RootfsWriter(dest_path)
     try:

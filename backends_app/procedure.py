@@ -352,7 +352,7 @@ def _worth_resuming(exc: BaseException) -> bool:
 def _clear_blobs(op: Operation, name: str) -> None:
     """Empty backend `name`'s blob directory (installed, or cancelled: nothing left to resume)."""
     try:
-        oci.BlobStore(op.state.blob_dir(name)).clear()
+        oci.BlobStore.remove(op.state.blob_dir(name))
     except OSError as exc:
         log.warning("%s: could not empty its blob directory: %s", name, exc)
 
@@ -1084,7 +1084,7 @@ def reconcile(node: Node | None = None, *, resume_downloads: bool = False) -> Re
                 _mark_interrupted(record.job_id, f"interrupted at step {record.step!r}: {outcome}")
                 # Nothing will resume from its downloads: their space is free again.
                 with contextlib.suppress(OSError, LayoutError):
-                    oci.BlobStore(state.blob_dir(record.backend)).clear()
+                    oci.BlobStore.remove(state.blob_dir(record.backend))
             recovered.append(
                 f"{record.backend}: {record.op} (job {record.job_id}) at {record.step!r}: {outcome}"
             )
@@ -1100,7 +1100,7 @@ def reconcile(node: Node | None = None, *, resume_downloads: bool = False) -> Re
             for leftover in list(parent.iterdir()) if parent.is_dir() else []:
                 if leftover.name == layout.BLOB_DIR_NAME and leftover.is_dir() and not leftover.is_symlink():
                     # Downloads a retry resumes from: only what nobody touched for max_age goes.
-                    removed += oci.BlobStore(leftover).prune(max_age)
+                    removed += oci.BlobStore.remove(leftover, max_age)
                 elif leftover not in named:
                     fsops.remove_tree(leftover)
                     removed += 1

@@ -177,6 +177,17 @@ class BlobStore:
         """Drop every file of the store; returns how many went."""
         return self.prune(max_age=-1.0)
 
+    @staticmethod
+    def remove(root: Path, max_age: float = -1.0) -> int:
+        """Drop a store's files (those older than ``max_age`` seconds, or all), then the directory
+        itself once empty; nothing happens where there is no store. Returns how many files went."""
+        if not root.is_dir() or root.is_symlink():
+            return 0
+        removed = BlobStore(root).prune(max_age)
+        with contextlib.suppress(OSError):
+            root.rmdir()  # only when empty: files a retry resumes from stay
+        return removed
+
     def prune(self, max_age: float, now: float | None = None) -> int:
         """Drop the files not modified for more than ``max_age`` seconds; returns how many went."""
         now = time.time() if now is None else now

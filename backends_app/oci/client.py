@@ -429,18 +429,10 @@ class RegistryClient:
         reference = parse_reference(ref)
         if identifier.partition(":")[1]:
             return self._get_manifest(reference, validate_digest(identifier))
-        response = self._request(
-            "GET",
-            reference,
-            f"manifests/{identifier}",
-            headers={"Accept": MANIFEST_ACCEPT},
-            what="manifest",
-            stream=True,
-        )
         where = f"{reference.name}:{identifier}"
-        body = _read_limited(response, MAX_MANIFEST_BYTES, where, self._watch(where))
+        body, content_type = self._manifest_bytes(reference, identifier, where)
         data = load_json(body, where)
-        return data, media_type_of(data, response.headers.get("Content-Type"))
+        return data, media_type_of(data, content_type)
 
     def fetch_blob(self, ref: str | Reference, descriptor: Descriptor, max_bytes: int) -> bytes:
         """A small blob held in memory (at most ``max_bytes``), verified against its digest. One GET."""
@@ -605,31 +597,28 @@ class RegistryClient:
             except InvalidReference:
                 raise OCIError(f"{ref}: registry sent a malformed digest header") from None
         # Some registries omit the header on HEAD: fall back to hashing the manifest itself.
-        response = self._request(
-            "GET",
-            ref,
-            f"manifests/{ref.identifier}",
-            headers={"Accept": MANIFEST_ACCEPT},
-            what="manifest",
-            stream=True,
-        )
-        body = _read_limited(response, MAX_MANIFEST_BYTES, str(ref), self._watch(f"{ref}: manifest"))
+        body, _ = self._manifest_bytes(ref, ref.identifier, str(ref))
         return f"sha256:{hashlib.sha256(body).hexdigest()}", media_type
 
-    def _get_manifest(self, ref: Reference, digest: str) -> tuple[dict[str, Any], str]:
+    def _manifest_bytes(self, ref: Reference, identifier: str, where: str) -> tuple[bytes, str | None]:
+        """A manifest's bytes by tag or digest (at most MAX_MANIFEST_BYTES) and its Content-Type."""
         response = self._request(
             "GET",
             ref,
-            f"manifests/{digest}",
+            f"manifests/{identifier}",
             headers={"Accept": MANIFEST_ACCEPT},
             what="manifest",
             stream=True,
         )
-        where = f"{ref.name}@{digest}"
         body = _read_limited(response, MAX_MANIFEST_BYTES, where, self._watch(where))
+        return body, response.headers.get("Content-Type")
+
+    def _get_manifest(self, ref: Reference, digest: str) -> tuple[dict[str, Any], str]:
+        where = f"{ref.name}@{digest}"
+        body, content_type = self._manifest_bytes(ref, digest, where)
         _verify_bytes(body, digest, where)
         data = load_json(body, where)
-        return data, media_type_of(data, response.headers.get("Content-Type"))
+        return data, media_type_of(data, content_type)
 
     def _get_blob_bytes(self, ref: Reference, descriptor: Descriptor) -> bytes:
         response = self._request("GET", ref, f"blobs/{descriptor.digest}", what="blob", stream=True)

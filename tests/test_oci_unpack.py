@@ -20,6 +20,7 @@ from backends_app.oci import DigestMismatch, OCIError, PullProgress, UnsafeArchi
 from backends_app.oci.manifest import Descriptor
 from backends_app.oci.publish import layer_from_tar
 from backends_app.oci.tarstream import TarReader, parse_number
+from backends_app.oci.unpack import GzipReader
 
 Entry = tuple[tarfile.TarInfo, bytes | None]
 
@@ -353,6 +354,33 @@ def test_a_layer_of_several_gzip_members_unpacks(tmp_path: Path) -> None:
         dest = tmp_path / f"root{index}"
         unpack_layers(dest, [(desc, chunked(blob, size))])
         assert (dest / "two").read_bytes() == b"2" * 5000
+
+
+def _inflate_all(data: bytes) -> bytes:
+    reader = GzipReader(io.BytesIO(data), "archive.tar.gz")
+    out = bytearray()
+    while chunk := reader.read(1 << 20):
+        out += chunk
+    return bytes(out)
+
+
+def test_a_gzip_stream_with_a_wrong_checksum_or_length_or_cut_short_is_refused() -> None:
+    # Archives (directory and archive backends) have no digest: the gzip trailer is their only check.
+    payload = os.urandom(50_000) + b"text " * 200_000
+    good = gzip.compress(payload, mtime=0)
+    assert _inflate_all(good) == payload
+    assert _inflate_all(good + good) == payload + payload
+    for where in (-8, -2):  # the CRC-32, then the length
+        broken = bytearray(good)
+        broken[where] ^= 0xFF
+        with pytest.raises(OCIError, match=r"archive\.tar\.gz: corrupt gzip data"):
+            _inflate_all(bytes(broken))
+    with pytest.raises(OCIError, match=r"archive\.tar\.gz: truncated gzip stream"):
+        _inflate_all(good[:-5])
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0x55
+    with pytest.raises(OCIError, match="corrupt gzip data"):
+        _inflate_all(bytes(flipped))
 
 
 def test_a_1000_to_1_layer_inflates_in_bounded_memory_and_time(tmp_path: Path) -> None:

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.netproxy import ProxyProcess, parse_link
-from bench.report import write_section
+from bench.report import record_goal, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- bench:check -->", "<!-- /bench:check -->"
@@ -462,6 +462,27 @@ on {cpu_count} CPU(s) shared with each other; bare `urllib3` spends {_ms(cpu["ce
 """
         if args.via_proxy:
             ok = vs_skopeo >= LINK_GOAL_SKOPEO and vs_loop >= LINK_GOAL_HEAD_LOOP and gets == 0
+            record_goal(
+                "upgrade check through the link: ours vs skopeo inspect",
+                vs_skopeo,
+                f">= {LINK_GOAL_SKOPEO:.0f}x",
+                vs_skopeo >= LINK_GOAL_SKOPEO,
+                "x",
+            )
+            record_goal(
+                "upgrade check through the link: ours vs a HEAD loop",
+                vs_loop,
+                f">= {LINK_GOAL_HEAD_LOOP:.0f}x",
+                vs_loop >= LINK_GOAL_HEAD_LOOP,
+                "x",
+            )
+            record_goal(
+                "upgrade check through the link: manifest GETs when nothing changed",
+                gets,
+                "0 GET",
+                gets == 0,
+                " GET",
+            )
             section = link_section(
                 args.via_proxy,
                 settings.PORTAL_REGISTRY_CONCURRENCY,
@@ -474,6 +495,28 @@ on {cpu_count} CPU(s) shared with each other; bare `urllib3` spends {_ms(cpu["ce
                 link,
                 (load_before, load_after),
                 args.rounds,
+            )
+        else:
+            record_goal(
+                "upgrade check on loopback: ours vs skopeo inspect",
+                vs_skopeo,
+                f">= {GOAL_SKOPEO:.0f}x",
+                vs_skopeo >= GOAL_SKOPEO,
+                "x",
+            )
+            record_goal(
+                "upgrade check on loopback: ours vs a HEAD loop",
+                vs_loop,
+                f">= {GOAL_HEAD_LOOP:.0f}x",
+                vs_loop >= GOAL_HEAD_LOOP,
+                "x",
+            )
+            record_goal(
+                "upgrade check on loopback: manifest GETs when nothing changed",
+                gets,
+                "0 GET",
+                gets == 0,
+                " GET",
             )
         print(section)
         if not args.no_docs:

@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from bench.netproxy import MB, ProxyProcess, optional_link, parse_link
-from bench.report import write_section
+from bench.report import record_goal, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- bench:pull -->", "<!-- /bench:pull -->"
@@ -398,6 +398,13 @@ def resume_text(resume: dict[str, float] | None) -> str:
         return ""
     fraction = resume["fraction"]
     verdict = "met" if fraction <= RESUME_GOAL and resume["killed"] else "**not met**"
+    record_goal(
+        "pull through the link: downloaded again after a kill at 80%",
+        fraction * 100,
+        f"<= {RESUME_GOAL * 100:.0f} % of the image",
+        fraction <= RESUME_GOAL and bool(resume["killed"]),
+        " %",
+    )
     missing = (resume["image"] - resume["kept"]) / MB
     return (
         f"\nResume after a kill: our pull with a blob directory, SIGKILLed {resume['killed_after']:.2f} s "
@@ -440,6 +447,16 @@ def link_section(
     rate = (rate_mbps or 0) * MB
     sides = (ours, base, parallel)
     ours_rss_mb = max(r["vm_hwm_kib"] for r in ours) * 1024 / MB
+    record_goal(
+        "pull through the link: ours / (skopeo to oci: + tar)", ratio, f"<= {LINK_GOAL}", ratio <= LINK_GOAL
+    )
+    record_goal(
+        "pull through the link: peak RSS",
+        ours_rss_mb,
+        f"< {RSS_GOAL_MB} MB",
+        ours_rss_mb < RSS_GOAL_MB,
+        " MB",
+    )
 
     def row(label: str, cell: Callable[[list[dict[str, float]]], str]) -> str:
         return f"| {label} | " + " | ".join(cell(rows) for rows in sides) + " |"
@@ -633,6 +650,11 @@ def main(argv: list[str] | None = None) -> int:
             args, link, ours, base, parallel, plain, files, layer_sizes, load_before, base_dir, resume
         )
     else:
+        record_goal(
+            "pull on loopback: ours / (skopeo + tar)", ratio, f"<= {LOOPBACK_GOAL}", ratio <= LOOPBACK_GOAL
+        )
+        rss_mb = rss_mib * MiB / MB
+        record_goal("pull on loopback: peak RSS", rss_mb, f"< {RSS_GOAL_MB} MB", rss_mb < RSS_GOAL_MB, " MB")
         section = f"""## Pull, verify and unpack
 
 `python -m bench.bench_pull` ({time.strftime("%Y-%m-%d")}, {os.cpu_count()} cores, registry on loopback,

@@ -123,6 +123,18 @@ def goals_section(runs: list[BenchmarkRun]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def goals_short_of_target(runs: list[BenchmarkRun]) -> list[str]:
+    """The goals of ``runs`` not met, or not recorded at all."""
+    short = []
+    for run in runs:
+        recorded = {goal["name"]: goal for goal in read_goals(run.goals_file)}
+        for name in run.goals + [name for name in recorded if name not in run.goals]:
+            goal = recorded.get(name)
+            if goal is None or not goal["met"]:
+                short.append(name)
+    return short
+
+
 def report_goals(runs: list[BenchmarkRun], docs: Path | None = DOCS) -> str:
     """Print the goals table and write it between the ``bench:goals`` markers of ``docs`` (near the
     top; None: print only)."""

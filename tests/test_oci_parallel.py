@@ -11,6 +11,7 @@ import http.client
 import http.server
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import pytest
 from backends_app.oci import DigestMismatch, UnsafeArchive
 from backends_app.oci.publish import layer_from_tar, push_image
 from bench.netproxy import NetProxy
+from tests.helpers.processes import wait_until
 from tests.registry import Fault, FaultProxy, RegistryServer
 from tests.test_oci_unpack import _dir, _file, _symlink, make_tar
 
@@ -283,3 +285,47 @@ def test_a_registry_answering_416_to_a_range_gets_the_blob_in_one_stream(
     assert (result.dest / "big").read_bytes() == payload
     statuses = [status for _, method, path, status in proxy.log if "/blobs/" in path]
     assert statuses[0] == 416 and 200 in statuses
+
+
+class _Cancelled(Exception):
+    """What a job's progress callback raises when the job is cancelled."""
+
+
+def test_a_pull_cancelled_while_the_registry_is_silent_mid_body_stops_at_once(
+    registry: RegistryServer, fault_proxy_factory: Callable[[str], FaultProxy], tmp_path: Path
+) -> None:
+    payload = os.urandom(400 * KiB)
+    ref = registry.push_image({"big": payload})
+    proxy = fault_proxy_factory(registry.host)
+    # Every blob body stops after 1000 bytes and stays silent for ten minutes.
+    proxy.add(
+        Fault(
+            lambda method, path: method == "GET" and "/blobs/" in path,
+            trickle_after=1000,
+            trickle_every=600,
+            times=50,
+        )
+    )
+    cancel = threading.Event()
+    cancelled_at: list[float] = []
+
+    def progress(_: Any) -> None:
+        if cancel.is_set():
+            raise _Cancelled()
+
+    def cancel_once_a_body_stalls() -> None:
+        # The proxy logs a request once its first bytes are sent; the rest never come.
+        wait_until(lambda: any("/blobs/" in path for _, _, path, _ in proxy.log), what="a blob request")
+        cancelled_at.append(time.monotonic())
+        cancel.set()
+
+    canceller = threading.Thread(target=cancel_once_a_body_stalls, daemon=True)
+    canceller.start()
+    read_timeout = 300.0
+    with registry.client(timeout=(10.0, read_timeout), **PARTS) as client, pytest.raises(_Cancelled):
+        client.pull(proxied(ref, registry, proxy.host), tmp_path / "out", progress=progress)
+    canceller.join()
+    stopped_after = time.monotonic() - cancelled_at[0]
+    # The thread blocked on the silent body was cut, not waited for until the read timeout.
+    assert stopped_after < read_timeout / 5, f"the pull took {stopped_after:.0f} s to stop"
+    assert list(tmp_path.iterdir()) == []  # no tree, no part files

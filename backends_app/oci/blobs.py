@@ -289,8 +289,10 @@ class BlobPull:
         part_size: int = DEFAULT_PART_SIZE,
         ranged: bool = True,
         on_ranges_ignored: Callable[[], None] | None = None,
+        on_stop: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
+        self._on_stop = on_stop
         self._download = download
         self._part_size = max(1, part_size)
         self._connections = max(1, connections)
@@ -325,9 +327,16 @@ class BlobPull:
         self.stop()
 
     def stop(self) -> None:
+        """Stop the threads and wait for them. ``on_stop`` runs in between: it may cut the
+        downloads in flight, so that a thread blocked on a silent connection stops at once."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+        if self._on_stop is not None and self._threads:
+            try:
+                self._on_stop()
+            except Exception:
+                log.exception("cutting the downloads of a stopped pull failed")
         for thread in self._threads:
             thread.join()
         self._threads = []

@@ -63,6 +63,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -476,18 +477,20 @@ class RegistryClient:
             else Path(blob_dir)
         )
         downloaded = _Counter()
+        bodies = _OpenBodies()
         started = time.monotonic()
         try:
             store = blobs.BlobStore(root)
             fetch = blobs.BlobPull(
                 store,
                 layers,
-                functools.partial(self._download_parts, reference, downloaded, started),
+                functools.partial(self._download_parts, reference, downloaded, started, bodies),
                 connections=self.config.pull_connections,
                 layers_at_once=self.config.pull_layers,
                 part_size=self.config.pull_part_size,
                 ranged=reference.api_host not in self._no_ranges,
                 on_ranges_ignored=functools.partial(self._note_no_ranges, reference.api_host),
+                on_stop=bodies.cut_all,
             )
             report = _PullReport(progress, layers, fetch, self.config.progress_interval)
             writer = RootfsWriter(dest_path)
@@ -634,6 +637,7 @@ class RegistryClient:
         ref: Reference,
         downloaded: _Counter,
         started: float,
+        bodies: _OpenBodies,
         descriptor: Descriptor,
         parts: list[blobs.Part],
         ranged: bool,
@@ -644,7 +648,8 @@ class RegistryClient:
         ``ranged``: ``parts`` is one part, fetched from its first missing byte with a Range request
         (none when that is the whole blob). Otherwise ``parts`` is the whole blob, fetched in one
         stream whose bytes already held are skipped. A connection lost or too slow mid-way is
-        resumed, within ``retries``.
+        resumed, within ``retries``, unless the pull is stopping (its bodies are then cut, see
+        :class:`_OpenBodies`).
         """
         path = f"blobs/{descriptor.digest}"
         where = f"{ref.api_host}: blob {descriptor.digest}"
@@ -655,6 +660,8 @@ class RegistryClient:
             missing = [part for part in parts if not part.complete]
             if not missing:
                 return
+            if should_stop():
+                raise blobs.Stopped()
             headers: dict[str, str] = {}
             first = missing[0].start + missing[0].held
             whole = first == 0 and missing[0].end == descriptor.size
@@ -664,6 +671,7 @@ class RegistryClient:
                 "GET", ref, path, what="blob", stream=True, headers=headers, ok=(200, 206, 416)
             )
             before = sum(part.held for part in parts)
+            bodies.add(response)
             try:
                 if response.status_code == 416:
                     raise blobs.RangeRefused()
@@ -686,6 +694,8 @@ class RegistryClient:
                 _TooSlow,
                 _ShortBody,
             ) as exc:
+                if should_stop():
+                    raise blobs.Stopped() from None  # cut by the pull's end, not by the network
                 cause = str(exc) if isinstance(exc, _TooSlow | _ShortBody) else type(exc).__name__
                 received = sum(part.held for part in parts)
                 if resumes >= self.config.retries:
@@ -704,6 +714,7 @@ class RegistryClient:
                 watch.check_deadline(received, descriptor.size)
                 watch.restart_window()
             finally:
+                bodies.discard(response)
                 response.close()
 
     def _watch(self, where: str) -> _TransferWatch:
@@ -1097,6 +1108,44 @@ class _PullReport:
 
 class _ShortBody(Exception):
     """A body ended before the bytes asked for (resumed like a lost connection)."""
+
+
+class _OpenBodies:
+    """The blob bodies a pull's threads are reading. When the pull stops (cancelled, or failed
+    elsewhere) :meth:`cut_all` shuts their connections down: a thread blocked on a registry that
+    went silent mid-body then stops at once instead of after the read timeout. (A registry silent
+    before it answers still holds its thread until then: there is no body to cut yet.)"""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._responses: set[requests.Response] = set()
+        self._cut = False
+
+    def add(self, response: requests.Response) -> None:
+        with self._lock:
+            if not self._cut:
+                self._responses.add(response)
+                return
+        _cut(response)
+
+    def discard(self, response: requests.Response) -> None:
+        with self._lock:
+            self._responses.discard(response)
+
+    def cut_all(self) -> None:
+        with self._lock:
+            self._cut = True
+            for response in self._responses:
+                _cut(response)
+
+
+def _cut(response: requests.Response) -> None:
+    """Shut down the connection ``response`` is read from (a blocked read returns at once)."""
+    connection = getattr(response.raw, "connection", None)
+    sock = getattr(connection, "sock", None)
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 class _Counter:

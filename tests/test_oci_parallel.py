@@ -273,15 +273,27 @@ def test_a_registry_that_ignores_range_still_gives_a_correct_pull_one_stream_per
         assert again.bytes_downloaded == resolved.total_compressed_size
 
 
-def test_a_registry_answering_416_to_a_range_gets_the_blob_in_one_stream(
-    registry: RegistryServer, fault_proxy_factory: Callable[[str], FaultProxy], tmp_path: Path
-) -> None:
+def blob_get(method: str, path: str) -> bool:
+    return method == "GET" and "/blobs/" in path
+
+
+def big_file_behind_a_proxy(
+    registry: RegistryServer, fault_proxy_factory: Callable[[str], FaultProxy]
+) -> tuple[bytes, str, FaultProxy]:
+    """An image of one 400 KiB file, and its reference through a fault proxy."""
     payload = os.urandom(400 * KiB)
     ref = registry.push_image({"big": payload})
     proxy = fault_proxy_factory(registry.host)
-    proxy.add(Fault(lambda method, path: method == "GET" and "/blobs/" in path, status=416, times=1))
+    return payload, proxied(ref, registry, proxy.host), proxy
+
+
+def test_a_registry_answering_416_to_a_range_gets_the_blob_in_one_stream(
+    registry: RegistryServer, fault_proxy_factory: Callable[[str], FaultProxy], tmp_path: Path
+) -> None:
+    payload, ref, proxy = big_file_behind_a_proxy(registry, fault_proxy_factory)
+    proxy.add(Fault(blob_get, status=416, times=1))
     with registry.client(**PARTS) as client:
-        result = client.pull(proxied(ref, registry, proxy.host), tmp_path / "out")
+        result = client.pull(ref, tmp_path / "out")
     assert (result.dest / "big").read_bytes() == payload
     statuses = [status for _, method, path, status in proxy.log if "/blobs/" in path]
     assert statuses[0] == 416 and 200 in statuses
@@ -294,13 +306,11 @@ class _Cancelled(Exception):
 def test_a_pull_cancelled_while_the_registry_is_silent_mid_body_stops_at_once(
     registry: RegistryServer, fault_proxy_factory: Callable[[str], FaultProxy], tmp_path: Path
 ) -> None:
-    payload = os.urandom(400 * KiB)
-    ref = registry.push_image({"big": payload})
-    proxy = fault_proxy_factory(registry.host)
+    _, ref, proxy = big_file_behind_a_proxy(registry, fault_proxy_factory)
     # Every blob body stops after 1000 bytes and stays silent for ten minutes.
     proxy.add(
         Fault(
-            lambda method, path: method == "GET" and "/blobs/" in path,
+            blob_get,
             trickle_after=1000,
             trickle_every=600,
             times=50,
@@ -323,7 +333,7 @@ def test_a_pull_cancelled_while_the_registry_is_silent_mid_body_stops_at_once(
     canceller.start()
     read_timeout = 300.0
     with registry.client(timeout=(10.0, read_timeout), **PARTS) as client, pytest.raises(_Cancelled):
-        client.pull(proxied(ref, registry, proxy.host), tmp_path / "out", progress=progress)
+        client.pull(ref, tmp_path / "out", progress=progress)
     canceller.join()
     stopped_after = time.monotonic() - cancelled_at[0]
     # The thread blocked on the silent body was cut, not waited for until the read timeout.

@@ -383,6 +383,61 @@ def test_a_gzip_stream_with_a_wrong_checksum_or_length_or_cut_short_is_refused()
         _inflate_all(bytes(flipped))
 
 
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_mangled_layers_whose_digest_matches_fail_cleanly_in_bounded_memory(
+    tmp_path: Path, compression: str
+) -> None:
+    """A registry serving whatever bytes it likes under a matching digest: byte flips, cuts,
+    insertions and repeats in a compressed layer either unpack or fail with the library's own
+    errors (nothing else escapes the inflater or the tar reader), in bounded memory and time, and a
+    failed unpack leaves no tree."""
+    import random
+
+    rng = random.Random(f"mangled-{compression}")  # the same cases every run
+    entries = [_dir("lib"), _file("lib/a.so", rng.randbytes(20_000), 0o755), _symlink("lib/b.so", "a.so")]
+    entries += [_file(f"src/{i}.py", b"print('backend %d')\n" % i * 50) for i in range(40)]
+    pristine = layer_from_tar(make_tar(entries), compression=compression).data
+    assert pristine is not None
+    outcomes: dict[str, int] = {}
+    tracemalloc.start()
+    started = time.monotonic()
+    try:
+        for case in range(150):
+            data = bytearray(pristine)
+            for _ in range(rng.randint(1, 4)):
+                at = rng.randrange(len(data))
+                kind = rng.choice(("flip", "cut", "insert", "repeat"))
+                if kind == "flip":
+                    data[at] ^= 1 << rng.randrange(8)
+                elif kind == "cut":
+                    del data[at : at + rng.randint(1, 300)]
+                elif kind == "insert":
+                    data[at:at] = rng.randbytes(rng.randint(1, 64))
+                else:
+                    data[at:at] = data[at : at + rng.randint(1, 4096)] * rng.randint(2, 8)
+            blob = bytes(data)
+            descriptor = Descriptor(
+                f"sha256:{hashlib.sha256(blob).hexdigest()}",
+                len(blob),
+                f"application/vnd.oci.image.layer.v1.tar+{compression}",
+            )
+            dest = tmp_path / f"case{case}"
+            try:
+                unpack_layers(dest, [(descriptor, chunked(blob, 4093))])
+            except OCIError as exc:  # UnsafeArchive and DigestMismatch are OCIErrors too
+                outcomes[type(exc).__name__] = outcomes.get(type(exc).__name__, 0) + 1
+                assert not dest.exists(), f"case {case}: {exc} left a tree"
+            else:
+                outcomes["unpacked"] = outcomes.get("unpacked", 0) + 1
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert outcomes.get("OCIError", 0) >= 75, outcomes  # most mangled layers are refused
+    assert "DigestMismatch" not in outcomes  # the digest matched each time: errors are the content's
+    assert peak < 32 * 1024 * 1024, f"peak Python allocations {peak} bytes"
+    assert time.monotonic() - started < 120
+
+
 def test_a_1000_to_1_layer_inflates_in_bounded_memory_and_time(tmp_path: Path) -> None:
     size = 64 * 1024 * 1024
     tar_bytes = make_tar([_file("zeros.bin", bytes(size))])

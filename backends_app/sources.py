@@ -39,10 +39,9 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import requests
-import urllib3
 
 from backends_app.http_retry import retry_after_seconds
-from backends_app.oci.client import RegistryConfig, _TooSlow, _TransferWatch, _watched_body
+from backends_app.oci.client import TRANSFER_ERRORS, RegistryConfig, _TooSlow, _TransferWatch, _watched_body
 from backends_app.oci.errors import OCIError, UnsafeArchive
 from backends_app.oci.reference import parse_reference
 from backends_app.oci.tarstream import DIRECTORY, REGULAR, SYMLINK, TarEntry
@@ -660,13 +659,7 @@ def _download_http(
                         received += len(chunk)
                         if progress is not None:
                             progress(received, total)
-                except (
-                    requests.ConnectionError,
-                    requests.Timeout,
-                    requests.exceptions.ChunkedEncodingError,
-                    urllib3.exceptions.HTTPError,
-                    _TooSlow,
-                ) as exc:
+                except TRANSFER_ERRORS as exc:
                     cause = str(exc) if isinstance(exc, _TooSlow) else type(exc).__name__
                     if attempts >= config.retries:
                         raise SourceError(

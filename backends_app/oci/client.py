@@ -686,14 +686,7 @@ class RegistryClient:
                 if any(not part.complete for part in parts):
                     raise _ShortBody(f"the body ended after {sum(p.held for p in parts) - before} bytes")
                 return
-            except (
-                requests.ConnectionError,
-                requests.Timeout,
-                requests.exceptions.ChunkedEncodingError,
-                urllib3.exceptions.HTTPError,
-                _TooSlow,
-                _ShortBody,
-            ) as exc:
+            except (*TRANSFER_ERRORS, _ShortBody) as exc:
                 if should_stop():
                     raise blobs.Stopped() from None  # cut by the pull's end, not by the network
                 cause = str(exc) if isinstance(exc, _TooSlow | _ShortBody) else type(exc).__name__
@@ -904,13 +897,7 @@ class RegistryClient:
                 self._rate_limited(host, response, method, target)
                 continue
             if status in _RETRY_STATUSES:
-                retry_after = retry_after_seconds(response.headers.get("Retry-After"))
-                response.close()
-                if retry_after is not None and retry_after > self.config.max_retry_wait:
-                    raise RegistryUnavailable(
-                        f"{target}: HTTP {status}, registry asks to retry after {retry_after:.0f}s, "
-                        f"more than the {self.config.max_retry_wait:.0f}s allowed"
-                    )
+                retry_after = self._retry_after(response, target)
                 if attempt < self.config.retries:
                     delay = retry_after if retry_after is not None else self._backoff(attempt)
                     log.info("%s %s: HTTP %d, retry %d in %.1fs", method, target, status, attempt + 1, delay)
@@ -936,16 +923,22 @@ class RegistryClient:
                 raise NotFound(f"{what} not found: {target} {path.rpartition('/')[2]}{suffix}")
             raise OCIError(f"{method} {target} {what}: HTTP {status}{suffix}")
 
-    def _rate_limited(self, host: _Host, response: requests.Response, method: str, target: str) -> None:
-        """A 429: the host is paused and slowed already (`_send`), and the next `_send` waits for it
-        (or gives up, `HostLimit.acquire`); a ``Retry-After`` beyond ``max_retry_wait`` fails now."""
+    def _retry_after(self, response: requests.Response, target: str) -> float | None:
+        """Close a 429 or 5xx answer and return its ``Retry-After`` in seconds (None: not given);
+        one asking for more than ``max_retry_wait`` fails now."""
         retry_after = retry_after_seconds(response.headers.get("Retry-After"))
         response.close()
         if retry_after is not None and retry_after > self.config.max_retry_wait:
             raise RegistryUnavailable(
-                f"{target}: HTTP 429, registry asks to retry after {retry_after:.0f}s, "
+                f"{target}: HTTP {response.status_code}, registry asks to retry after {retry_after:.0f}s, "
                 f"more than the {self.config.max_retry_wait:.0f}s allowed"
             )
+        return retry_after
+
+    def _rate_limited(self, host: _Host, response: requests.Response, method: str, target: str) -> None:
+        """A 429: the host is paused and slowed already (`_send`), and the next `_send` waits for it
+        (or gives up, `HostLimit.acquire`); a ``Retry-After`` beyond ``max_retry_wait`` fails now."""
+        self._retry_after(response, target)
         log.debug("%s %s: HTTP 429, sent again when %s allows", method, target, host.name)
 
     def _authenticate(self, host: _Host, ref: Reference, scope: str, challenge: str) -> None:
@@ -1228,6 +1221,16 @@ def _fill_in_order(
 
 class _TooSlow(Exception):
     """A body fell below the low-speed limit (a layer resumes on a fresh connection)."""
+
+
+# What reading a body raises when its connection breaks, times out or crawls: a transfer resumes.
+TRANSFER_ERRORS = (
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    urllib3.exceptions.HTTPError,
+    _TooSlow,
+)
 
 
 @dataclass

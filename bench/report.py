@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,25 +88,21 @@ def goals_section(runs: list[BenchmarkRun]) -> str:
     first) is a row marked missing."""
     rows = []
     counts = {"met": 0, "not met": 0, "missing": 0}
-    for run in runs:
-        recorded = {goal["name"]: goal for goal in read_goals(run.goals_file)}
-        names = run.goals + [name for name in recorded if name not in run.goals]
-        for name in names:
-            goal = recorded.get(name)
-            if goal is None:
-                if run.returncode is None:
-                    why = "not run"
-                elif run.returncode:
-                    why = f"exit status {run.returncode}"
-                else:
-                    why = "not recorded"
-                rows.append(f"| {name} | | | **missing** ({why}) | `{run.command}` |")
-                counts["missing"] += 1
-                continue
-            verdict = "met" if goal["met"] else "**NOT met**"
-            counts["met" if goal["met"] else "not met"] += 1
-            measured = f"{_number(goal['value'])}{goal['unit']}"
-            rows.append(f"| {name} | {measured} | {goal['target']} | {verdict} | `{run.command}` |")
+    for run, name, goal in _goals_of(runs):
+        if goal is None:
+            if run.returncode is None:
+                why = "not run"
+            elif run.returncode:
+                why = f"exit status {run.returncode}"
+            else:
+                why = "not recorded"
+            rows.append(f"| {name} | | | **missing** ({why}) | `{run.command}` |")
+            counts["missing"] += 1
+            continue
+        verdict = "met" if goal["met"] else "**NOT met**"
+        counts["met" if goal["met"] else "not met"] += 1
+        measured = f"{_number(goal['value'])}{goal['unit']}"
+        rows.append(f"| {name} | {measured} | {goal['target']} | {verdict} | `{run.command}` |")
     failed = [f"`{run.command}` (exit status {run.returncode})" for run in runs if run.returncode]
     lines = [
         "## Goals",
@@ -125,14 +122,16 @@ def goals_section(runs: list[BenchmarkRun]) -> str:
 
 def goals_short_of_target(runs: list[BenchmarkRun]) -> list[str]:
     """The goals of ``runs`` not met, or not recorded at all."""
-    short = []
+    return [name for _, name, goal in _goals_of(runs) if goal is None or not goal["met"]]
+
+
+def _goals_of(runs: list[BenchmarkRun]) -> Iterator[tuple[BenchmarkRun, str, dict[str, Any] | None]]:
+    """Every goal of ``runs``: those each should record (None where it did not), then any others
+    it recorded."""
     for run in runs:
         recorded = {goal["name"]: goal for goal in read_goals(run.goals_file)}
         for name in run.goals + [name for name in recorded if name not in run.goals]:
-            goal = recorded.get(name)
-            if goal is None or not goal["met"]:
-                short.append(name)
-    return short
+            yield run, name, recorded.get(name)
 
 
 def report_goals(runs: list[BenchmarkRun], docs: Path | None = DOCS) -> str:
